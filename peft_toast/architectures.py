@@ -1,0 +1,210 @@
+"""Where the blocks, the value projections and the pass-1 feature live, per model family.
+
+Teaching TOAST a new architecture is one declarative entry::
+
+    from peft_toast import ToastArchitecture, register_architecture
+
+    register_architecture("my_model", ToastArchitecture(blocks="encoder.blocks", value="attn.v", final_norm="norm"))
+
+Paths are relative to the model's *backbone* (`model.base_model` in transformers: `vit` inside
+`ViTForImageClassification`, `model` inside `LlamaForCausalLM`, the model itself for `ViTModel`). Models whose
+`model_type` is not registered are inspected: the repeated block stack, a value projection with a conventional name,
+whether attention is causal, and the final norm are found from the module tree; if that fails, the error says how to
+declare the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+# Conventional names of value projections and final norms, used when a model type is not in the registry.
+VALUE_PROJECTION_NAMES = ("v_proj", "value", "v", "wv", "v_lin", "value_proj")
+FINAL_NORM_NAMES = ("layernorm", "norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "post_layernorm")
+
+
+@dataclass(frozen=True)
+class ToastArchitecture:
+    """Declares where TOAST finds what it needs in one model family.
+
+    Args:
+        blocks: path of the `nn.ModuleList` of transformer blocks, relative to the backbone.
+        value: path of the value projection inside one block.
+        fused_qkv: the value "projection" is a fused query/key/value projection whose output is `[q | k | v]`
+            (GPT-2's `c_attn`); the signal then enters the value third only.
+        final_norm: path of the norm after the last block, relative to the backbone, or None.
+        causal: decoder (causal attention). The pass-1 feature is then the last block's output *before* the final
+            norm, and generation keeps a second KV cache. Encoders use the output *after* the final norm (or the last
+            block's output when there is none, as in BERT).
+    """
+
+    blocks: str
+    value: str
+    fused_qkv: bool = False
+    final_norm: Optional[str] = None
+    causal: bool = False
+
+
+_LLAMA_LIKE = ToastArchitecture(blocks="layers", value="self_attn.v_proj", final_norm="norm", causal=True)
+
+ARCHITECTURES: dict[str, ToastArchitecture] = {
+    # encoders
+    "vit": ToastArchitecture(blocks="layers", value="attention.v_proj", final_norm="layernorm"),
+    "dinov2": ToastArchitecture(blocks="encoder.layer", value="attention.v_proj", final_norm="layernorm"),
+    "bert": ToastArchitecture(blocks="encoder.layer", value="attention.self.value"),
+    "roberta": ToastArchitecture(blocks="encoder.layer", value="attention.self.value"),
+    # decoders
+    "gpt2": ToastArchitecture(blocks="h", value="attn.c_attn", fused_qkv=True, final_norm="ln_f", causal=True),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+}
+
+# Model types whose registry entry is exercised by the test suite (the rest are declared from their module layout).
+TESTED_MODEL_TYPES = ("vit", "dinov2", "bert", "gpt2", "llama", "mistral")
+
+
+def register_architecture(model_type: str, architecture: ToastArchitecture) -> None:
+    """Teach TOAST a model family (`config.model_type`), or override a registered one."""
+    if not isinstance(architecture, ToastArchitecture):
+        raise TypeError(f"`architecture` must be a ToastArchitecture, got {type(architecture).__name__}.")
+    ARCHITECTURES[model_type] = architecture
+
+
+@dataclass
+class ResolvedArchitecture:
+    """The modules of one concrete model that TOAST uses."""
+
+    architecture: ToastArchitecture
+    backbone: nn.Module
+    blocks: list[nn.Module]
+    block_names: list[str]  # full module names, relative to the model passed to `resolve_architecture`
+    value_names: list[str]  # full module names of the value projections, one per block
+    final_norm: Optional[nn.Module]
+
+    @property
+    def causal(self) -> bool:
+        return self.architecture.causal
+
+    @property
+    def feature_module(self) -> nn.Module:
+        """The module whose output is the pass-1 feature."""
+        if not self.causal and self.final_norm is not None:
+            return self.final_norm
+        return self.blocks[-1]
+
+
+def _how_to_declare(model_type: str) -> str:
+    return (
+        f"Declare it with `peft_toast.register_architecture({model_type!r}, ToastArchitecture(blocks=..., value=..., "
+        f"final_norm=..., causal=...))` (paths relative to `model.base_model`), or pass `target_modules` naming the "
+        f"value projection of every block."
+    )
+
+
+def resolve_architecture(model: nn.Module, target_modules=None) -> ResolvedArchitecture:
+    """Find the blocks, value projections and feature module of `model` (a transformers model).
+
+    `target_modules`, when given, overrides where the value projections are (PEFT's name/regex matching); it must match
+    exactly one module per block.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    backbone = getattr(model, "base_model", model)
+    if not isinstance(backbone, nn.Module):
+        backbone = model
+    architecture = ARCHITECTURES.get(model_type) or _inspect(backbone, model_type)
+
+    names = {module: name for name, module in model.named_modules()}
+    blocks_list = _get(backbone, architecture.blocks, model_type, "blocks")
+    if not isinstance(blocks_list, nn.ModuleList) or len(blocks_list) == 0:
+        raise ValueError(
+            f"`{architecture.blocks}` of model type {model_type!r} is not a non-empty nn.ModuleList of blocks. "
+            + _how_to_declare(model_type)
+        )
+    blocks = list(blocks_list)
+    block_names = [names[block] for block in blocks]
+    if target_modules is None:
+        value_names = [names[_get(block, architecture.value, model_type, "value")] for block in blocks]
+    else:
+        value_names = _match_targets(model, block_names, target_modules)
+    final_norm = _get(backbone, architecture.final_norm, model_type, "final_norm") if architecture.final_norm else None
+    return ResolvedArchitecture(architecture, backbone, blocks, block_names, value_names, final_norm)
+
+
+def _get(root: nn.Module, path: str, model_type: str, what: str) -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        raise ValueError(
+            f"TOAST's `{what}` path {path!r} does not exist in model type {model_type!r}. " + _how_to_declare(model_type)
+        ) from None
+
+
+def _match_targets(model: nn.Module, block_names: list[str], target_modules) -> list[str]:
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    class _Targets:  # the minimal config interface PEFT's matcher reads
+        def __init__(self, target_modules):
+            self.target_modules = target_modules
+            self.exclude_modules = None
+            self.layers_to_transform = None
+            self.layers_pattern = None
+
+    matched = [name for name, _ in model.named_modules() if name and check_target_module_exists(_Targets(target_modules), name)]
+    per_block = []
+    for block_name in block_names:
+        inside = [name for name in matched if name.startswith(block_name + ".")]
+        if len(inside) != 1:
+            found = ", ".join(inside) if inside else "nothing"
+            raise ValueError(
+                f"`target_modules={target_modules!r}` must match exactly one value projection in every block, but in "
+                f"block `{block_name}` it matches {found}. Name the value projection (e.g. `['v_proj']`) or leave "
+                f"`target_modules=None` for a registered architecture."
+            )
+        per_block.append(inside[0])
+    outside = sorted(set(matched) - set(per_block))
+    if outside:
+        raise ValueError(
+            f"`target_modules={target_modules!r}` also matches modules outside the attention blocks: {outside[:5]}. "
+            f"TOAST only steers value projections; make the pattern more specific."
+        )
+    return per_block
+
+
+def _inspect(backbone: nn.Module, model_type: str) -> ToastArchitecture:
+    """Derive a `ToastArchitecture` from the module tree of an unregistered model."""
+    names = {module: name for name, module in backbone.named_modules()}
+    stacks = [
+        module
+        for module in backbone.modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len({type(child) for child in module}) == 1
+        and any(isinstance(m, nn.Linear) for m in module[0].modules())
+    ]
+    if not stacks:
+        raise ValueError(f"TOAST found no stack of transformer blocks in model type {model_type!r}. " + _how_to_declare(model_type))
+    stack = max(stacks, key=len)
+    block = stack[0]
+    value = None
+    for name, module in block.named_modules():
+        if name.rsplit(".", 1)[-1] in VALUE_PROJECTION_NAMES and isinstance(module, nn.Linear):
+            value = name
+            break
+    if value is None:
+        raise ValueError(
+            f"TOAST found no value projection (a Linear named one of {VALUE_PROJECTION_NAMES}) in the blocks of model "
+            f"type {model_type!r}; fused query/key/value projections need a declaration. " + _how_to_declare(model_type)
+        )
+    causal = any(getattr(module, "is_causal", False) is True for module in block.modules())
+    final_norm = None
+    for name, module in backbone.named_children():
+        if name in FINAL_NORM_NAMES and not isinstance(module, nn.ModuleList):
+            final_norm = name
+    return ToastArchitecture(blocks=names[stack], value=value, final_norm=final_norm, causal=causal)

@@ -1,0 +1,199 @@
+"""`ToastConfig`: every setting of a TOAST adapter, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft import PeftConfig
+
+from .registration import TOAST_PEFT_TYPE
+
+CHANNEL_SELECTION_CHOICES = ("identity", "full", "low_rank")
+DOWN_INIT_CHOICES = ("identity", "reference")
+READOUT_INIT_CHOICES = ("zero", "reference")
+
+
+@dataclass
+class ToastConfig(PeftConfig):
+    """
+    Configuration of a TOAST adapter (Transfer Learning via Attention Steering, Shi et al., arXiv 2305.15542).
+
+    TOAST runs the frozen model once, gates the top-layer tokens by their cosine similarity with a learned task
+    prompt, sends the selection back down through a linear feedback path (one down-map `A_l` and one readout `C_l`
+    per block) and runs the model a second time with the readout `t_l` added to the input of block `l`'s value
+    projection: `V = W_v (u + t_l) + b_v`.
+
+    The defaults are chosen so that `ToastConfig()` works on every supported architecture and training starts *exactly*
+    at the frozen model's function (zero readout, like LoRA's `B = 0`), with a feedback path that is already meaningful
+    (identity down-maps: a pre-norm residual block is close to the identity, so its approximate inverse is too).
+
+    Args:
+        target_modules (`str` or `list[str]`, *optional*):
+            Name(s) or a regex of the value projections. `None` (default) finds the value projection of every block
+            from the architecture registry (`peft_toast.architectures`), so it rarely needs setting; set it only for an
+            architecture the registry does not know. It must match exactly one module per block.
+        layers_to_transform (`int` or `list[int]`, *optional*):
+            Indices of the blocks (0 = bottom) whose values receive a top-down signal. Negative indices count from the
+            top (`-1` = top block). `None` (default) means every block, as in the reference implementation.
+        feedback_rank (`int`, *optional*):
+            `None` (default): full-rank `d x d` down-maps and readouts, as in the reference. An integer `r` factors
+            them: `A_l = I + U_l V_l` and `C_l = U'_l V'_l` with rank `r`, for `4 r d` instead of `2 d^2` parameters
+            per block.
+        lite_rank (`int`, *optional*):
+            TOAST-Lite: keep full-rank down-maps and readouts frozen (identity/zero, or calibrated/pre-tuned values) and
+            train rank-`lite_rank` deltas on them. Mutually exclusive with `feedback_rank`.
+        train_down (`bool`):
+            Whether the down-maps `A_l` (or their deltas) train. The reference trains them for vision and freezes them
+            after pre-tuning for LLaMA.
+        train_readout (`bool`):
+            Whether the readouts `C_l` (or their deltas) train.
+        train_prompt (`bool`):
+            Whether the token-selection prompt trains.
+        channel_selection (`str`):
+            `"identity"` (default; the reference's full TOAST keeps `P = I` frozen and stores nothing), `"full"` (a
+            trainable `d x d` matrix initialised to the identity, as in TOAST-Lite) or `"low_rank"`
+            (`P = I + U V` with rank `channel_rank`, starting at the identity).
+        channel_rank (`int`):
+            Rank of `"low_rank"` channel selection.
+        down_init (`str`):
+            `"identity"` (default) or `"reference"` (truncated normal, std 0.02, as the reference initialises linear
+            layers; a chain of such maps shrinks the signal, which is why the reference needs pre-tuning).
+            `peft_toast.calibrate` replaces either with a closed-form solution.
+        readout_init (`str`):
+            `"zero"` (default: the adapted model starts exactly at the frozen model) or `"reference"` (truncated
+            normal, std 0.02).
+        variational_loss_weight (`float`):
+            Weight of the feedback-reconstruction loss `sum_l MSE(A_l h_l_out, h_l_in)` added to the task loss in
+            training, for pre-tuning (0.1 for vision and 0.01 for LLaMA in the reference). `0` (default) for transfer.
+        cosine_eps (`float`):
+            Guards the cosine token gate against zero-norm tokens (padding, zero vectors) so it never yields NaN.
+        modules_to_save (`list[str]`, *optional*):
+            Modules trained and saved in full besides the adapter. `None` (default) picks the task head of a
+            classification model (`classifier` / `score`), as PEFT's `SEQ_CLS` task type does; pass `[]` to keep the
+            head frozen.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Value projections to steer (names or a regex). None finds them from the architecture registry; "
+            "must match exactly one module per block."
+        },
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={"help": "Blocks (0 = bottom, negative from the top) that receive a top-down signal; None = all."},
+    )
+    feedback_rank: Optional[int] = field(
+        default=None,
+        metadata={"help": "None = full-rank feedback maps; r = low-rank A_l = I + U V and C_l = U' V' of rank r."},
+    )
+    lite_rank: Optional[int] = field(
+        default=None,
+        metadata={"help": "TOAST-Lite: frozen full-rank feedback maps plus trainable deltas of this rank."},
+    )
+    train_down: bool = field(default=True, metadata={"help": "Whether the down-maps A_l (or their deltas) train."})
+    train_readout: bool = field(default=True, metadata={"help": "Whether the readouts C_l (or their deltas) train."})
+    train_prompt: bool = field(default=True, metadata={"help": "Whether the token-selection prompt trains."})
+    channel_selection: str = field(
+        default="identity",
+        metadata={"help": "Channel selection P: 'identity' (frozen, stores nothing), 'full' or 'low_rank'."},
+    )
+    channel_rank: int = field(default=4, metadata={"help": "Rank of 'low_rank' channel selection."})
+    down_init: str = field(
+        default="identity", metadata={"help": "Initialisation of the down-maps A_l: 'identity' or 'reference'."}
+    )
+    readout_init: str = field(
+        default="zero", metadata={"help": "Initialisation of the readouts C_l: 'zero' (exact start) or 'reference'."}
+    )
+    variational_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the feedback-reconstruction loss added in training (pre-tuning); 0 = off."},
+    )
+    cosine_eps: float = field(default=1e-6, metadata={"help": "Epsilon of the cosine token gate (NaN guard)."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules trained and saved besides the adapter. None = the head of a classification model; "
+            "[] = none."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = TOAST_PEFT_TYPE
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list, set, tuple)):
+            raise ValueError(
+                f"`target_modules` must be None, a string (name or regex) or a list of names, got "
+                f"{type(self.target_modules).__name__}. Leave it None to find the value projections automatically."
+            )
+        if isinstance(self.target_modules, (list, set, tuple)):
+            if not self.target_modules or not all(isinstance(name, str) and name for name in self.target_modules):
+                raise ValueError(
+                    "`target_modules` must be a non-empty list of module names; leave it None to find the value "
+                    "projections automatically."
+                )
+            self.target_modules = sorted(set(self.target_modules))
+        layers = self.layers_to_transform
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            self.layers_to_transform = layers = [layers]
+        if layers is not None:
+            if isinstance(layers, (tuple, set)):
+                self.layers_to_transform = layers = sorted(layers)
+            if not isinstance(layers, list) or not layers or not all(_is_int(i) for i in layers):
+                raise ValueError(
+                    f"`layers_to_transform` must be None (all blocks), an int or a non-empty list of block indices, "
+                    f"got {layers!r}."
+                )
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"`layers_to_transform` lists a block twice: {layers!r}. List each block once.")
+        for name in ("feedback_rank", "lite_rank"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"`{name}` must be None or a positive integer, got {value!r}.")
+        if self.feedback_rank is not None and self.lite_rank is not None:
+            raise ValueError(
+                "`feedback_rank` and `lite_rank` are mutually exclusive: low-rank feedback factors the maps, "
+                "TOAST-Lite keeps them full-rank and frozen with low-rank deltas. Set only one of them."
+            )
+        for name in ("train_down", "train_readout", "train_prompt"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        _check_choice("channel_selection", self.channel_selection, CHANNEL_SELECTION_CHOICES)
+        _check_choice("down_init", self.down_init, DOWN_INIT_CHOICES)
+        _check_choice("readout_init", self.readout_init, READOUT_INIT_CHOICES)
+        if not _is_int(self.channel_rank) or self.channel_rank < 1:
+            raise ValueError(f"`channel_rank` must be a positive integer, got {self.channel_rank!r}.")
+        if (
+            not isinstance(self.variational_loss_weight, (int, float))
+            or isinstance(self.variational_loss_weight, bool)
+            or not self.variational_loss_weight >= 0
+            or self.variational_loss_weight == float("inf")
+        ):
+            raise ValueError(
+                f"`variational_loss_weight` must be a finite number >= 0 (0 disables it), got "
+                f"{self.variational_loss_weight!r}."
+            )
+        if not isinstance(self.cosine_eps, (int, float)) or isinstance(self.cosine_eps, bool) or not self.cosine_eps > 0:
+            raise ValueError(f"`cosine_eps` must be a positive number such as 1e-6, got {self.cosine_eps!r}.")
+        if self.modules_to_save is not None and (
+            not isinstance(self.modules_to_save, (list, tuple))
+            or not all(isinstance(name, str) and name for name in self.modules_to_save)
+        ):
+            raise ValueError(
+                f"`modules_to_save` must be None (the task head of a classification model), [] or a list of module "
+                f"names, got {self.modules_to_save!r}."
+            )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")

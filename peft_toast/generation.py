@@ -1,0 +1,92 @@
+"""The pass-1 KV cache of causal-LM decoding.
+
+Token and channel selection and the feedback path act on each position separately, so a decoder's signal at position
+`i` depends only on tokens `<= i` and incremental decoding is exact if pass 1 and pass 2 each keep their own KV cache.
+The main cache (the one `generate` or the user threads through the calls) carries pass 2; the pass-1 cache rides on it
+as an attribute, so each generate call, each user-held cache and each beam keeps its own, and every operation
+`generate` applies to the main cache (beam reordering, batch expansion and selection, cropping, reset) is applied to
+the pass-1 cache too.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Optional
+
+from transformers.cache_utils import Cache, DynamicCache
+
+PASS1_CACHE_ATTR = "_toast_pass1_cache"
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
+# Cache methods that change which sequences/positions the cache holds; pass 1 must follow each of them.
+_MIRRORED_METHODS = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset")
+
+
+def get_pass1_cache(main_cache: Cache) -> Optional[Cache]:
+    return getattr(main_cache, PASS1_CACHE_ATTR, None)
+
+
+def attach_pass1_cache(main_cache: Cache, pass1_cache: Cache) -> None:
+    """Tie `pass1_cache` to `main_cache` so that it follows every reordering or cropping of the main cache."""
+    if get_pass1_cache(main_cache) is pass1_cache:
+        return
+    setattr(main_cache, PASS1_CACHE_ATTR, pass1_cache)
+    for name in _MIRRORED_METHODS:
+        method = getattr(type(main_cache), name, None)
+        if method is None:
+            continue
+
+        @functools.wraps(method)
+        def mirrored(*args, _method=method, _name=name, **kwargs):
+            result = _method(main_cache, *args, **kwargs)
+            follower = get_pass1_cache(main_cache)
+            if follower is not None:
+                getattr(follower, _name)(*args, **kwargs)
+            return result
+
+        setattr(main_cache, name, mirrored)
+
+
+def prepare_pass1_cache(model, kwargs: dict, cache_argument: str) -> tuple[str, Optional[Cache]]:
+    """Return `(argument name, pass-1 cache)` for a causal-LM call with keyword arguments `kwargs`.
+
+    A fresh pass-1 cache is made when the main cache is new (empty) or when the model will create one itself
+    (`use_cache` in eval mode); a main cache that already holds tokens without a pass-1 cache cannot be continued
+    exactly and raises.
+    """
+    name = next((n for n in CACHE_ARGUMENT_NAMES if kwargs.get(n) is not None), cache_argument)
+    main_cache = kwargs.get(name)
+    if main_cache is None:
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(model.config, "use_cache", False)
+        if not use_cache or model.training:
+            return name, None
+        return name, DynamicCache(config=model.config)
+    if not isinstance(main_cache, Cache):
+        raise TypeError(
+            f"TOAST needs a transformers `Cache` object as `{name}`, got {type(main_cache).__name__}. Legacy tuple "
+            f"caches are not supported: pass a `DynamicCache` (or let `generate` create one)."
+        )
+    pass1_cache = get_pass1_cache(main_cache)
+    if pass1_cache is None:
+        if main_cache.get_seq_length() > 0:
+            raise ValueError(
+                "This cache already holds tokens but no TOAST pass-1 cache: it was filled by a model without the "
+                "TOAST adapter (or with adapters disabled), so continuing it cannot be exact. Start from an empty "
+                "cache, or from the cache returned by a TOAST forward call."
+            )
+        pass1_cache = copy.deepcopy(main_cache)
+        attach_pass1_cache(main_cache, pass1_cache)
+    return name, pass1_cache
+
+
+def attach_to_output(output, pass1_cache: Optional[Cache]) -> None:
+    """Tie the pass-1 cache to the main cache the model created and returned (`use_cache=True` without a cache)."""
+    if pass1_cache is None or output is None:
+        return
+    for name in CACHE_ARGUMENT_NAMES:
+        main_cache = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
+        if isinstance(main_cache, Cache):
+            attach_pass1_cache(main_cache, pass1_cache)
+            return

@@ -1,0 +1,106 @@
+"""The value-projection wrapper: where the top-down signal enters a block.
+
+Block `l`'s value projection becomes `V = W_v (u + t_l) + b_v = base(u) + W_v t_l`: the signal goes through the *frozen*
+value weights, the bias is added once, and queries and keys are untouched. The wrapper also owns the block's feedback
+maps (`toast_down` = `A_l`, `toast_readout` = `C_l`), one per adapter, so PEFT's generic machinery (devices, dtypes,
+`requires_grad`, adapter switching and deletion) handles them like any adapter weights.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .state import current_signal
+from .topdown import FeedbackMap
+
+
+class ToastLayer(nn.Module, BaseTunerLayer):
+    adapter_layer_names = ("toast_down", "toast_readout")
+
+    def __init__(self, base_layer: nn.Module, block_index: int, fused_qkv: bool = False) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.block_index = block_index
+        self.fused_qkv = fused_qkv
+        self.toast_down = nn.ModuleDict()
+        self.toast_readout = nn.ModuleDict()
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.in_features = value_input_features(base_layer)
+
+    def update_layer(self, adapter_name: str, config, with_readout: bool) -> None:
+        """Create block `l`'s down-map (and readout, if this block receives a signal) for `adapter_name`."""
+        weight = self.get_base_layer().weight
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.dtype.is_floating_point else None}
+        ranks = {"rank": config.feedback_rank, "lite_rank": config.lite_rank}
+        self.toast_down[adapter_name] = FeedbackMap(self.in_features, init=config.down_init, **ranks, **factory)
+        if with_readout:
+            self.toast_readout[adapter_name] = FeedbackMap(
+                self.in_features, init=config.readout_init, **ranks, **factory
+            )
+        frozen = tuple(
+            name
+            for name, trains in (("toast_down", config.train_down), ("toast_readout", config.train_readout))
+            if not trains
+        )
+        if frozen:
+            self.frozen_peft_weight_names[adapter_name] = frozen
+        self.set_adapter(self.active_adapters)
+
+    def _value_weight(self) -> torch.Tensor:
+        """The `(out, d)` weight `W_v` that maps a hidden state to values (the value third of a fused projection)."""
+        base = self.get_base_layer()
+        weight = base.weight
+        if isinstance(base, nn.Linear):
+            if self.fused_qkv:
+                return weight.chunk(3, dim=0)[2]
+            return weight
+        # transformers' Conv1D (GPT-2) stores its weight transposed, (d, out).
+        weight = weight.T
+        return weight.chunk(3, dim=0)[2] if self.fused_qkv else weight
+
+    def value_delta(self, signal: torch.Tensor) -> torch.Tensor:
+        """`W_v t` for a top-down signal `t` of shape `(..., d)`; no bias."""
+        weight = self._value_weight()
+        return F.linear(signal.to(device=weight.device, dtype=weight.dtype), weight)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # (B, N, out)
+        if self.disable_adapters:
+            return result
+        signal: Optional[torch.Tensor] = current_signal(self)
+        if signal is None:
+            return result
+        delta = self.value_delta(signal).to(result.dtype)  # (B, N, out_v)
+        if self.fused_qkv:
+            # [q | k | v]: only the value third changes.
+            query_key, value = result[..., : -delta.shape[-1]], result[..., -delta.shape[-1] :]
+            return torch.cat([query_key, value + delta], dim=-1)
+        return result + delta
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise NotImplementedError(_NO_MERGE)
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(_NO_MERGE)
+
+    def __repr__(self) -> str:
+        return "toast." + super().__repr__()
+
+
+def value_input_features(base_layer: nn.Module) -> int:
+    """The hidden size `d` that a value projection reads (transformers' Conv1D stores its weight as `(d, out)`)."""
+    weight = base_layer.weight
+    return weight.shape[1] if isinstance(base_layer, nn.Linear) else weight.shape[0]
+
+
+_NO_MERGE = (
+    "TOAST cannot be merged into the base weights: the top-down signal depends on the input through a first pass of "
+    "the model, so it is not a static weight change. Use `unload()` to get the plain base model back."
+)

@@ -1,0 +1,382 @@
+"""`ToastModel`: TOAST as a PEFT tuner — injection, the two-pass forward hooks and the adapter lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .architectures import ResolvedArchitecture, resolve_architecture
+from .config import ToastConfig
+from .generation import attach_to_output, prepare_pass1_cache
+from .layer import ToastLayer, value_input_features
+from .state import CallState, Pass1Done, checkpoint_with_signals, current_state, pop_state, push_state, use_state
+from .topdown import FeedbackMap, feedback_chain, token_selection
+
+# Heads of transformers' classification models: trained and saved by default, as PEFT's SEQ_CLS task type does.
+CLASSIFICATION_HEAD_NAMES = ("classifier", "score")
+# Keyword arguments that pass 1 does not need (it stops at the feature, before any head or loss).
+_PASS2_ONLY_ARGUMENTS = ("labels", "output_attentions", "output_hidden_states")
+
+
+class ToastModel(BaseTuner):
+    """
+    TOAST (Transfer Learning via Attention Steering; Shi, Gai, Darrell, Wang, arXiv 2305.15542) for any transformers
+    model.
+
+    Every forward call runs the frozen model twice. Pass 1 (no gradients) produces the top-layer tokens; a learned
+    prompt gates them (token selection), an optional matrix mixes channels (channel selection), and a linear feedback
+    path sends the selection down, producing one signal `t_l` per block. Pass 2 adds `W_v t_l` to block `l`'s values and
+    produces the output, loss included. Only the top-down module (and the task head) train.
+
+    Example:
+
+        ```py
+        >>> from transformers import ViTConfig, ViTForImageClassification
+        >>> from peft import get_peft_model
+        >>> from peft_toast import ToastConfig
+        >>> base = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...     intermediate_size=37, image_size=16, patch_size=4, num_labels=3))
+        >>> model = get_peft_model(base, ToastConfig())
+        >>> model.print_trainable_parameters()  # doctest: +ELLIPSIS
+        trainable params: ...
+        ```
+
+    TOAST cannot be merged into the base weights (the signal depends on the input); `merge_and_unload` raises, and
+    `unload` returns the untouched base model.
+    """
+
+    prefix: str = "toast_"
+    tuner_layer_cls = ToastLayer
+    target_module_mapping: dict = {}
+    # The prompt and channel selection are shared by all wrapped layers: `inject_adapter_in_model` cannot carry them.
+    uses_shared_state = True
+
+    # ------------------------------------------------------------------------------------------------ injection
+
+    def _pre_injection_hook(self, model: nn.Module, config: ToastConfig, adapter_name: str) -> None:
+        if "toast_prompt" not in self._modules and "toast_prompt" not in self._parameters:
+            self.toast_prompt = nn.ParameterDict()
+            self.toast_channel = nn.ModuleDict()
+            self._toast_hook_handles: list = []
+            self._toast_architecture: Optional[ResolvedArchitecture] = None
+            self._toast_targets: dict[str, tuple[int, bool]] = {}
+
+    def _check_new_adapter_config(self, config: ToastConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if not isinstance(config, ToastConfig):
+            raise TypeError(f"ToastModel needs a ToastConfig, got {type(config).__name__}.")
+
+    def _prepare_adapter_config(self, peft_config: ToastConfig, model_config: dict) -> ToastConfig:
+        architecture = resolve_architecture(self.model, peft_config.target_modules)
+        self._toast_architecture = architecture
+        num_blocks = len(architecture.blocks)
+        selected = _normalise_layers(peft_config.layers_to_transform, num_blocks)
+        # The feedback chain runs from the top block down to the lowest block that receives a signal, so every block
+        # in that range gets a down-map; only the selected ones get a readout.
+        self._toast_targets = {
+            architecture.value_names[index]: (index, index in selected) for index in range(min(selected), num_blocks)
+        }
+        if peft_config.modules_to_save is None:
+            peft_config.modules_to_save = _default_head(self.model)
+        return peft_config
+
+    def _check_target_module_exists(self, peft_config: ToastConfig, key: str) -> bool:
+        return key in self._toast_targets
+
+    def _create_and_replace(
+        self,
+        peft_config: ToastConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        block_index, with_readout = self._toast_targets[current_key]
+        if isinstance(target, ToastLayer):
+            target.update_layer(adapter_name, peft_config, with_readout)
+        else:
+            new_module = ToastLayer(target, block_index, fused_qkv=self._toast_architecture.architecture.fused_qkv)
+            new_module.update_layer(adapter_name, peft_config, with_readout)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+        if adapter_name not in self.toast_prompt:
+            self._create_selection(adapter_name, peft_config, target)
+
+    def _create_selection(self, adapter_name: str, config: ToastConfig, target: nn.Module) -> None:
+        """The adapter's prompt (token selection) and, unless it is the identity, its channel selection."""
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        dim = value_input_features(base)
+        weight = base.weight
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.dtype.is_floating_point else None}
+        prompt = torch.empty(dim, **factory)
+        if not prompt.is_meta:
+            nn.init.normal_(prompt)
+        self.toast_prompt[adapter_name] = nn.Parameter(prompt)
+        if config.channel_selection != "identity":
+            rank = config.channel_rank if config.channel_selection == "low_rank" else None
+            self.toast_channel[adapter_name] = FeedbackMap(dim, init="identity", rank=rank, **factory)
+
+    def _post_injection_hook(self, model: nn.Module, config: ToastConfig, adapter_name: str) -> None:
+        self._register_toast_hooks()
+        self._sync_selection_trainability()
+
+    def _register_toast_hooks(self) -> None:
+        self._remove_toast_hooks()
+        architecture = self._toast_architecture
+        handles = self._toast_hook_handles
+        # `prepend` so that our state is in place before any other hook runs; `always_call` so that a call that raises
+        # still removes its signals.
+        handles.append(self.model.register_forward_pre_hook(self._toast_pre_forward, with_kwargs=True, prepend=True))
+        handles.append(self.model.register_forward_hook(self._toast_post_forward, with_kwargs=True, always_call=True))
+        handles.append(architecture.feature_module.register_forward_hook(_capture_feature))
+        for index, block in enumerate(architecture.blocks):
+            handles.append(block.register_forward_hook(_make_block_recorder(index), with_kwargs=True))
+        signature = inspect.signature(self.model.forward).parameters
+        self._toast_cache_argument = "cache" if "cache" in signature else "past_key_values"
+
+    def _remove_toast_hooks(self) -> None:
+        for handle in self._toast_hook_handles:
+            handle.remove()
+        self._toast_hook_handles.clear()
+
+    # --------------------------------------------------------------------------------------- the two passes
+
+    def _toast_layers(self, adapter_name: str) -> list[ToastLayer]:
+        """The wrapped value projections of `adapter_name`, from the top block down."""
+        layers = [m for m in self.model.modules() if isinstance(m, ToastLayer) and adapter_name in m.toast_down]
+        return sorted(layers, key=lambda layer: -layer.block_index)
+
+    def _active_toast_adapter(self) -> Optional[str]:
+        """The adapter that steers this call, or None (adapters disabled, or none left)."""
+        active = self.active_adapters
+        if not active or active[0] not in self.toast_prompt:
+            return None
+        layer = next((m for m in self.model.modules() if isinstance(m, ToastLayer)), None)
+        if layer is None or layer.disable_adapters:
+            return None
+        return active[0]
+
+    def _toast_pre_forward(self, module: nn.Module, args: tuple, kwargs: dict):
+        state = push_state(CallState(owner=self))  # first, so the always-called post hook can always pop it
+        adapter_name = self._active_toast_adapter()
+        if adapter_name is None:
+            return None
+        self._wrap_gradient_checkpointing()
+        architecture = self._toast_architecture
+        pass1_kwargs = {key: value for key, value in kwargs.items() if key not in _PASS2_ONLY_ARGUMENTS}
+        if architecture.causal:
+            cache_name, state.pass1_cache = prepare_pass1_cache(self.model, kwargs, self._toast_cache_argument)
+            for name in ("cache", "past_key_values"):
+                pass1_kwargs.pop(name, None)
+            if state.pass1_cache is not None:
+                pass1_kwargs[cache_name] = state.pass1_cache
+                pass1_kwargs["use_cache"] = True
+        features = self.run_pass1(module, args, pass1_kwargs)
+        state.signals, state.gates = self.top_down_signals(adapter_name, features)
+        if self.training and self.peft_config[adapter_name].variational_loss_weight > 0:
+            state.block_io = []
+        return None
+
+    def run_pass1(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Run the frozen model without signals up to the feature and return it, `(B, N, d)`."""
+        pass1 = CallState(owner=self, pass1=True)
+        with torch.no_grad(), use_state(pass1):
+            try:
+                # `forward`, not `__call__`: this call must not trigger our own hooks again.
+                module.forward(*args, **kwargs)
+            except Pass1Done:
+                pass
+        if pass1.feature is None:
+            raise RuntimeError(
+                "TOAST's pass 1 finished without reaching the feature module "
+                f"({type(self._toast_architecture.feature_module).__name__}); check the architecture declaration."
+            )
+        return pass1.feature
+
+    def top_down_signals(self, adapter_name: str, features: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Token selection, channel selection and the feedback chain for one call.
+
+        Returns `({ToastLayer: t_l of shape (B, N, d)}, gates of shape (B, N))`.
+        """
+        prompt = self.toast_prompt[adapter_name]
+        config = self.peft_config[adapter_name]
+        features = features.to(device=prompt.device, dtype=prompt.dtype)  # (B, N, d)
+        gates, selected = token_selection(features, prompt, eps=config.cosine_eps)  # (B, N), (B, N, d)
+        if adapter_name in self.toast_channel:
+            selected = self.toast_channel[adapter_name](selected)
+        layers = self._toast_layers(adapter_name)
+        down_maps = [layer.toast_down[adapter_name] for layer in layers]
+        readouts = [layer.toast_readout[adapter_name] if adapter_name in layer.toast_readout else None for layer in layers]
+        signals = feedback_chain(selected, down_maps, readouts)
+        return {layer: signal for layer, signal in zip(layers, signals) if signal is not None}, gates
+
+    def _toast_post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        state = current_state()
+        if state is None or state.owner is not self:
+            return None
+        pop_state()
+        if output is None:  # the call raised; nothing else to do
+            return None
+        attach_to_output(output, state.pass1_cache)
+        if state.block_io:
+            weight = self.peft_config[self.active_adapters[0]].variational_loss_weight
+            loss = self.variational_loss(self.active_adapters[0], state.block_io)
+            output["toast_variational_loss"] = loss.detach()
+            if getattr(output, "loss", None) is not None:
+                output["loss"] = output.loss + weight * loss.to(output.loss.dtype)
+        return output
+
+    def variational_loss(self, adapter_name: str, block_io: list) -> torch.Tensor:
+        """`sum_l MSE(A_l h_l_out, h_l_in)` over the blocks that have a down-map; inputs and outputs are detached, so
+        only the down-maps receive its gradient."""
+        layers = {layer.block_index: layer for layer in self._toast_layers(adapter_name)}
+        terms = [
+            torch.nn.functional.mse_loss(layers[index].toast_down[adapter_name](h_out.to(h_in.dtype)), h_in)
+            for index, h_in, h_out in block_io
+            if index in layers
+        ]
+        return torch.stack(terms).sum()
+
+    def _wrap_gradient_checkpointing(self) -> None:
+        for block in self._toast_architecture.blocks:
+            fn = getattr(block, "_gradient_checkpointing_func", None)
+            if fn is not None and getattr(block, "gradient_checkpointing", False):
+                block._gradient_checkpointing_func = checkpoint_with_signals(fn)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "TOAST does not support mixed-adapter batches (`adapter_names=`): its signal comes from a whole "
+                "forward pass of one adapter. Run one call per adapter, switching with `model.set_adapter(name)`."
+            )
+        yield
+
+    # ---------------------------------------------------------------------------------------- adapter lifecycle
+
+    def _sync_selection_trainability(self, inference_mode: bool = False) -> None:
+        """Make the tuner-level prompt and channel selection follow the active adapter, like the wrapped layers."""
+        enabled = self._active_toast_adapter() is not None or not self.toast_prompt
+        for name, prompt in self.toast_prompt.items():
+            config = self.peft_config.get(name)
+            trains = name in self.active_adapters and not inference_mode and enabled
+            prompt.requires_grad_(bool(trains and config is not None and config.train_prompt))
+        for name, channel in self.toast_channel.items():
+            channel.requires_grad_(name in self.active_adapters and not inference_mode and enabled)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        self._sync_selection_trainability(self.peft_config[self.active_adapters[0]].inference_mode)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) != 1:
+            raise ValueError(f"TOAST runs exactly one adapter at a time, got {names}. Pass a single adapter name.")
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter {unknown[0]!r} does not exist; available: {sorted(self.peft_config)}.")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._sync_selection_trainability(inference_mode)
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name in names & set(self.toast_prompt):
+            self.toast_prompt[name].requires_grad_(requires_grad and self.peft_config[name].train_prompt)
+        for name in names & set(self.toast_channel):
+            self.toast_channel[name].requires_grad_(requires_grad)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._sync_selection_trainability()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for container in (self.toast_prompt, self.toast_channel):
+            if adapter_name in container:
+                del container[adapter_name]
+        self._sync_selection_trainability()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            return
+        low_precision = (torch.float16, torch.bfloat16)
+        if adapter_name in self.toast_prompt and self.toast_prompt[adapter_name].dtype in low_precision:
+            prompt = self.toast_prompt[adapter_name]
+            self.toast_prompt[adapter_name] = nn.Parameter(prompt.data.float(), requires_grad=prompt.requires_grad)
+        if adapter_name in self.toast_channel:
+            self.toast_channel[adapter_name].float()
+        # Buffers (TOAST-Lite's frozen maps) are not covered by PEFT's upcast.
+        for layer in self.model.modules():
+            if isinstance(layer, ToastLayer):
+                for container in (layer.toast_down, layer.toast_readout):
+                    if adapter_name in container:
+                        for name, buffer in container[adapter_name].named_buffers():
+                            if buffer.dtype in low_precision:
+                                container[adapter_name].register_buffer(name, buffer.float())
+
+    def _check_merge_allowed(self):
+        raise NotImplementedError(
+            "TOAST cannot be merged into the base weights: its top-down signal depends on the input through a first "
+            "pass of the model, so it is not a static weight change. Keep the PeftModel for inference, or use "
+            "`unload()` to get the plain base model back."
+        )
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+        if merge:
+            self._check_merge_allowed()  # raise before anything is touched
+        self._remove_toast_hooks()
+        return super()._unload_and_optionally_merge(
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+
+def _normalise_layers(layers: Optional[list[int]], num_blocks: int) -> set[int]:
+    if layers is None:
+        return set(range(num_blocks))
+    out_of_range = [index for index in layers if not -num_blocks <= index < num_blocks]
+    if out_of_range:
+        raise ValueError(
+            f"`layers_to_transform` lists blocks {out_of_range} but this model has {num_blocks} blocks (valid indices: "
+            f"0..{num_blocks - 1}, or -{num_blocks}..-1 from the top)."
+        )
+    selected = {index % num_blocks for index in layers}
+    if len(selected) != len(layers):
+        raise ValueError(f"`layers_to_transform={layers}` names the same block twice (e.g. as i and i - {num_blocks}).")
+    return selected
+
+
+def _default_head(model: nn.Module) -> list[str]:
+    """The task head of a transformers classification model, or nothing for other models."""
+    if not type(model).__name__.endswith(("ForImageClassification", "ForSequenceClassification", "ForTokenClassification")):
+        return []
+    return [name for name in CLASSIFICATION_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+
+
+def _capture_feature(module: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook on the feature module: in pass 1, hand the feature over and stop the pass."""
+    state = current_state()
+    if state is not None and state.pass1:
+        state.feature = output[0] if isinstance(output, tuple) else output
+        raise Pass1Done
+
+
+def _make_block_recorder(index: int):
+    def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        state = current_state()
+        if state is None or state.block_io is None or state.pass1:
+            return
+        hidden_in = args[0] if args else kwargs["hidden_states"]
+        hidden_out = output[0] if isinstance(output, tuple) else output
+        state.block_io.append((index, hidden_in.detach(), hidden_out.detach()))
+
+    return record
