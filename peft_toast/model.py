@@ -63,6 +63,7 @@ class ToastModel(BaseTuner):
             self.toast_prompt = nn.ParameterDict()
             self.toast_channel = nn.ModuleDict()
             self._toast_hook_handles: list = []
+            self._toast_wrapped_layers: list[ToastLayer] = []
             self._toast_architecture: Optional[ResolvedArchitecture] = None
             self._toast_targets: dict[str, tuple[int, bool]] = {}
 
@@ -139,6 +140,9 @@ class ToastModel(BaseTuner):
         handles.append(architecture.feature_module.register_forward_hook(_capture_feature))
         for index, block in enumerate(architecture.blocks):
             handles.append(block.register_forward_hook(_make_block_recorder(index), with_kwargs=True))
+        # Looked up once here rather than on every call: all ToastLayers of the model, from the top block down.
+        layers = [module for module in self.model.modules() if isinstance(module, ToastLayer)]
+        self._toast_wrapped_layers = sorted(layers, key=lambda layer: -layer.block_index)
         signature = inspect.signature(self.model.forward).parameters
         self._toast_cache_argument = "cache" if "cache" in signature else "past_key_values"
 
@@ -151,16 +155,15 @@ class ToastModel(BaseTuner):
 
     def _toast_layers(self, adapter_name: str) -> list[ToastLayer]:
         """The wrapped value projections of `adapter_name`, from the top block down."""
-        layers = [m for m in self.model.modules() if isinstance(m, ToastLayer) and adapter_name in m.toast_down]
-        return sorted(layers, key=lambda layer: -layer.block_index)
+        return [layer for layer in self._toast_wrapped_layers if adapter_name in layer.toast_down]
 
     def _active_toast_adapter(self) -> Optional[str]:
         """The adapter that steers this call, or None (adapters disabled, or none left)."""
         active = self.active_adapters
         if not active or active[0] not in self.toast_prompt:
             return None
-        layer = next((m for m in self.model.modules() if isinstance(m, ToastLayer)), None)
-        if layer is None or layer.disable_adapters:
+        layers = self._toast_wrapped_layers
+        if not layers or layers[0].disable_adapters:
             return None
         return active[0]
 
