@@ -19,6 +19,8 @@ They read installed packages and build converted checkpoints into `$PEFT_TOAST_C
 """
 
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -76,11 +78,17 @@ def test_build_once_is_atomic(monkeypatch, tmp_path):
         assets._build_once("thing", failing_build)
     assert not any(path.is_dir() for path in tmp_path.iterdir())  # no target, no leftover temporary folder
 
-    calls = []
-    for _ in range(2):
-        path = assets._build_once("thing", lambda folder: calls.append((folder / "done").write_text("ok")))
-    assert calls == [2] and (tmp_path / "thing" / "done").read_text() == "ok"
-    assert path == str(tmp_path / "thing")
+    builds = []
+
+    def slow_build(folder):
+        builds.append(folder)
+        time.sleep(0.2)
+        (folder / "done").write_text("ok")
+
+    with ThreadPoolExecutor(4) as pool:  # concurrent callers wait for the first builder
+        paths = list(pool.map(lambda _: assets._build_once("thing", slow_build), range(4)))
+    assert paths == [str(tmp_path / "thing")] * 4 and len(builds) == 1
+    assert (tmp_path / "thing" / "done").read_text() == "ok"
 
 
 def test_missing_package_names_install_command(monkeypatch, tmp_path):
@@ -110,7 +118,8 @@ def test_dinov2_vit_matches_onnxruntime(image_size, onnx_backbone_session, monke
         hidden = model(pixel_values).last_hidden_state.numpy()  # [4, 1 + (image_size // 14)², 384]
     (expected,) = onnx_backbone_session.run([_ONNX_BACKBONE_OUTPUT], {"input_image": pixel_values.numpy()})
     assert hidden.shape == expected.shape == (4, 1 + (image_size // 14) ** 2, 384)
-    np.testing.assert_allclose(hidden, expected, rtol=0, atol=1e-4)
+    # float32 noise reaches 1e-4 on outputs up to ≈ 12; a wrong conversion (e.g. bilinear position grid) gives > 1
+    np.testing.assert_allclose(hidden, expected, rtol=0, atol=1e-3)
 
 
 def test_dinov2_vit_for_image_classification_gets_pretrained_backbone():
