@@ -11,13 +11,21 @@ import math
 import pytest
 import torch
 import transformers
-from conftest import LAYERS, make_bert, make_dinov2, make_gpt2, make_inputs, make_llama, make_mistral, make_vit
-from conftest import randomize_adapter
+from conftest import (
+    LAYERS,
+    make_bert,
+    make_dinov2,
+    make_gpt2,
+    make_inputs,
+    make_llama,
+    make_mistral,
+    make_vit,
+    randomize_adapter,
+)
 from peft import get_peft_model
 from torch import nn
 
-from peft_toast import ToastArchitecture, ToastConfig, ToastModel, register_architecture
-from peft_toast import architectures
+from peft_toast import ToastArchitecture, ToastConfig, ToastModel, architectures, register_architecture
 from peft_toast.architectures import ARCHITECTURES, resolve_architecture
 from peft_toast.layer import ToastLayer
 
@@ -29,7 +37,13 @@ CASES = {
     "ViTModel": (make_vit, {"with_head": False}, "vit", "layers.{}.attention.v_proj", "last_hidden_state"),
     "Dinov2Model": (make_dinov2, {}, "dinov2", "encoder.layer.{}.attention.v_proj", "last_hidden_state"),
     "BertModel": (make_bert, {"with_head": False}, "bert", "encoder.layer.{}.attention.self.value", "last_block"),
-    "BertForSequenceClassification": (make_bert, {}, "bert", "bert.encoder.layer.{}.attention.self.value", "last_block"),
+    "BertForSequenceClassification": (
+        make_bert,
+        {},
+        "bert",
+        "bert.encoder.layer.{}.attention.self.value",
+        "last_block",
+    ),
     "GPT2LMHeadModel": (make_gpt2, {}, "gpt2", "transformer.h.{}.attn.c_attn", "last_block"),
     "LlamaForCausalLM": (make_llama, {}, "llama", "model.layers.{}.self_attn.v_proj", "last_block"),
     "MistralForCausalLM": (make_mistral, {}, "mistral", "model.layers.{}.self_attn.v_proj", "last_block"),
@@ -235,7 +249,9 @@ def test_custom_model_is_resolved_by_inspection(monkeypatch):
     seen = []
     original = ToastModel.top_down_signals
     monkeypatch.setattr(
-        ToastModel, "top_down_signals", lambda self, name, features: seen.append(features) or original(self, name, features)
+        ToastModel,
+        "top_down_signals",
+        lambda self, name, features: seen.append(features) or original(self, name, features),
     )
     model = get_peft_model(base, ToastConfig())
     wrapped = [name for name, module in model.base_model.model.named_modules() if isinstance(module, ToastLayer)]
@@ -265,7 +281,9 @@ def test_model_without_blocks_says_how_to_declare_it():
         def forward(self, inputs):
             return self.proj(inputs)
 
-    with pytest.raises(ValueError, match=r"found no stack of transformer blocks.*register_architecture\('tiny_custom'"):
+    with pytest.raises(
+        ValueError, match=r"found no stack of transformer blocks.*register_architecture\('tiny_custom'"
+    ):
         get_peft_model(NoBlocks(), ToastConfig())
 
 
@@ -290,7 +308,9 @@ def test_register_architecture_rejects_anything_but_a_declaration():
 
 
 def test_a_wrong_declaration_names_the_missing_path(monkeypatch):
-    monkeypatch.setitem(ARCHITECTURES, "llama", ToastArchitecture(blocks="layers", value="self_attn.value", causal=True))
+    monkeypatch.setitem(
+        ARCHITECTURES, "llama", ToastArchitecture(blocks="layers", value="self_attn.value", causal=True)
+    )
     with pytest.raises(ValueError, match=r"`value` path 'self_attn.value' does not exist.*register_architecture\("):
         get_peft_model(make_llama(), ToastConfig())
 
