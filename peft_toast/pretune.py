@@ -1,0 +1,165 @@
+"""Pre-tuning the top-down path by gradient descent, as the reference implementation initialises it.
+
+The reference trains the whole top-down module (down-maps, readouts, prompt) on generic data before any transfer, with
+the task loss plus the variational loss `sum_l MSE(A_l h_l_out, h_l_in)` (weight `variational_loss_weight`: 0.01
+for LLaMA on OpenWebText, 0.1 for vision). `ToastModel` folds the weighted variational loss into `output.loss` in
+training, so pre-tuning is ordinary training: this module is a small loop (with a step *and* a wall-time budget, so
+that it can be compared with `calibrate_feedback` at equal time), and `transformers.Trainer` works just as well.
+
+The objective depends on the model:
+
+- causal LMs: next-token loss on the generic text (batches carry `labels`) + the weighted variational loss, as in the
+  reference; down-maps, readouts and prompt all train;
+- encoders (no labels): the variational loss alone. The reference's vision pre-tuning used labelled ImageNet and is
+  unreleased; without labels, the honest self-supervised choice is the objective that defines the feedback path, so
+  only the down-maps receive gradients (readouts stay zero, the prompt unchanged). This is SGD on exactly the problem
+  that `calibrate_feedback` solves in closed form. With labelled generic data, pass `labels` and the task loss joins.
+
+`python -m peft_toast.pretune --model ... --data ... --output DIR --max-steps N` runs it from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures import resolve_architecture
+from .calibrate import (
+    DEFAULT_RIDGE,
+    add_data_arguments,
+    calibrate_feedback,
+    load_examples,
+    load_model_and_processor,
+    make_batches,
+    toast_config_from_args,
+)
+from .io import atomic_save_pretrained
+
+__all__ = ["PretuneResult", "pretune"]
+
+
+@dataclass
+class PretuneResult:
+    """What `pretune` did: optimizer steps, wall time in seconds and the training loss of the first and last step."""
+
+    steps: int
+    seconds: float
+    first_loss: float
+    last_loss: float
+
+
+def pretune(
+    peft_model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    *,
+    max_steps: Optional[int] = None,
+    max_seconds: Optional[float] = None,
+    learning_rate: float = 1e-3,
+    progress: bool = True,
+) -> PretuneResult:
+    """Train the trainable parameters of `peft_model` (its active TOAST adapter) on `output.loss` with AdamW at a constant
+    learning rate, cycling over `batches`, until `max_steps` steps or `max_seconds` seconds, whichever comes first.
+
+    `output.loss` is the task loss (if the batches carry labels) plus `variational_loss_weight` times the variational
+    loss, so the adapter's config must have `variational_loss_weight > 0` unless the batches have labels.
+    """
+    if max_steps is None and max_seconds is None:
+        raise ValueError("Give `pretune` a budget: `max_steps`, `max_seconds` or both.")
+    parameters = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
+    if not parameters:
+        raise ValueError("The model has no trainable parameters; pass a PeftModel whose TOAST adapter is trainable.")
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    device = parameters[0].device
+    was_training = peft_model.training
+    peft_model.train()
+    losses = []
+    start = time.perf_counter()
+    bar = tqdm(total=max_steps, desc="pre-tuning", unit="step", disable=not progress)
+    try:
+        for batch in itertools.cycle(batches):
+            batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+            loss = peft_model(**batch).get("loss")
+            if loss is None:
+                raise ValueError(
+                    "The model returned no loss: the batches have no labels and the adapter's "
+                    "`variational_loss_weight` is 0. Set `variational_loss_weight` (e.g. 0.1) to pre-tune on the "
+                    "variational loss, or add labels."
+                )
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            if (max_steps is not None and len(losses) >= max_steps) or (
+                max_seconds is not None and time.perf_counter() - start >= max_seconds
+            ):
+                break
+    finally:
+        bar.close()
+        peft_model.train(was_training)
+    return PretuneResult(len(losses), time.perf_counter() - start, losses[0], losses[-1])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> PretuneResult:
+    parser = argparse.ArgumentParser(
+        prog="python -m peft_toast.pretune",
+        description="Pre-tune the top-down path of a TOAST adapter on generic unlabelled data (LM loss + variational "
+        "loss for causal LMs, the variational loss alone for encoders) and save it as a TOAST adapter folder.",
+    )
+    add_data_arguments(parser)
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="Optimizer steps (default: one pass over the data)."
+    )
+    parser.add_argument("--max-seconds", type=float, default=None, help="Wall-time budget in seconds.")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default 1e-3).")
+    parser.add_argument(
+        "--variational-loss-weight",
+        type=float,
+        default=None,
+        help="Weight of the variational loss (default: 0.01 for causal LMs, as the reference; 0.1 for encoders).",
+    )
+    parser.add_argument(
+        "--calibrate-first",
+        action="store_true",
+        help="Start from the closed-form calibration of the down-maps on the same data instead of the identity.",
+    )
+    args = parser.parse_args(argv)
+    from peft import get_peft_model
+
+    torch.manual_seed(args.seed)
+    base_model, processor = load_model_and_processor(args.model)
+    causal = resolve_architecture(base_model).causal
+    weight = args.variational_loss_weight
+    if weight is None:
+        weight = 0.01 if causal else 0.1
+    peft_model = get_peft_model(base_model, toast_config_from_args(args, variational_loss_weight=weight))
+    examples = load_examples(args.data, args.num_samples, seed=args.seed, split=args.split, column=args.column)
+    batches = make_batches(
+        examples, processor, batch_size=args.batch_size, max_length=args.max_length, with_labels=causal
+    )
+    if args.calibrate_first:
+        calibrate_feedback(peft_model, batches, ridge=DEFAULT_RIDGE)
+    max_steps = args.max_steps if args.max_steps is not None or args.max_seconds is not None else len(batches)
+    result = pretune(
+        peft_model, batches, max_steps=max_steps, max_seconds=args.max_seconds, learning_rate=args.learning_rate
+    )
+    atomic_save_pretrained(peft_model, args.output)
+    print(
+        f"Pre-tuned for {result.steps} steps in {result.seconds:.1f} s: loss {result.first_loss:.4g} -> "
+        f"{result.last_loss:.4g}. Adapter saved to {os.path.abspath(args.output)}."
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,429 @@
+"""Closed-form calibration (`peft_toast.calibrate`) against direct least-squares solves on tiny random models, the CLI
+end to end, and `load_initialisation`."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import LAYERS, make_inputs, make_llama, make_vit
+from peft import PeftModel, get_peft_model
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast, ViTModel
+
+from peft_toast import ToastConfig
+from peft_toast.calibrate import (
+    BlockStatistics,
+    calibrate_feedback,
+    collect_block_statistics,
+    least_squares_map,
+    load_initialisation,
+    main,
+    make_batches,
+    reconstruction_error,
+    reduced_rank_map,
+)
+
+
+def _blocks(model):
+    return model.vit.layers if hasattr(model, "vit") else model.model.layers
+
+
+def _direct_tokens(model, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per block, all real tokens' `(h_out, h_in)` as `(n, d)` float64 matrices, collected with hooks on a separate
+    copy of the frozen model (independently of the calibration code)."""
+    model = copy.deepcopy(model).eval()
+    seen: dict[int, list] = {i: [] for i in range(LAYERS)}
+    mask = {}
+
+    def hook(index):
+        def record(module, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]  # (B, N, d)
+            h_out = output[0] if isinstance(output, tuple) else output  # (B, N, d)
+            dim, keep = h_in.shape[-1], mask["current"]
+            seen[index].append((h_out.reshape(-1, dim)[keep].double(), h_in.reshape(-1, dim)[keep].double()))
+
+        return record
+
+    handles = [block.register_forward_hook(hook(i), with_kwargs=True) for i, block in enumerate(_blocks(model))]
+    with torch.no_grad():
+        for batch in batches:
+            attention = batch.get("attention_mask")
+            mask["current"] = slice(None) if attention is None else attention.reshape(-1).bool()
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    return [(torch.cat([x for x, _ in seen[i]]), torch.cat([y for _, y in seen[i]])) for i in range(LAYERS)]
+
+
+def _padded_llama_batches():
+    batches = [make_inputs("llama", batch=3, seq=7, seed=seed) for seed in range(3)]
+    batches[0]["attention_mask"][0, 4:] = 0  # right padding, as a tokenizer pads for a causal LM
+    batches[2]["attention_mask"][1, 2:] = 0
+    return batches
+
+
+CASES = {
+    "vit": (make_vit, lambda: [make_inputs("vit", batch=4, seed=seed) for seed in range(3)]),
+    "llama": (make_llama, _padded_llama_batches),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_unregularised_calibration_equals_lstsq(kind):
+    factory, make_batches_ = CASES[kind]
+    base = factory()
+    batches = make_batches_()
+    tokens = _direct_tokens(base, batches)
+    model = get_peft_model(base, ToastConfig())
+    result = calibrate_feedback(model, batches, ridge=0.0, progress=False)
+
+    for layer in model.base_model._toast_layers("default"):
+        h_out, h_in = tokens[layer.block_index]
+        expected = torch.linalg.lstsq(h_out, h_in).solution.T  # A h_out = h_in  <=>  h_out A^T = h_in
+        torch.testing.assert_close(layer.toast_down["default"].weight.double(), expected, rtol=1e-4, atol=1e-5)
+    assert result.num_tokens == tokens[0][0].shape[0]
+    assert result.loss_after < result.loss_before
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_ridge_calibration_equals_augmented_lstsq(kind):
+    """The ridge pulls towards the identity: min ||X A^T - Y||^2 + lambda ||A - I||^2 is least squares on [X; sqrt(l) I]."""
+    factory, make_batches_ = CASES[kind]
+    base = factory()
+    batches = make_batches_()
+    tokens = _direct_tokens(base, batches)
+    model = get_peft_model(base, ToastConfig())
+    ridge = 0.05
+    calibrate_feedback(model, batches, ridge=ridge, progress=False)
+
+    for layer in model.base_model._toast_layers("default"):
+        h_out, h_in = tokens[layer.block_index]
+        dim = h_out.shape[1]
+        strength = ridge * (h_out**2).sum() / dim
+        eye = torch.eye(dim, dtype=torch.float64)
+        stacked_x = torch.cat([h_out, strength.sqrt() * eye])
+        stacked_y = torch.cat([h_in, strength.sqrt() * eye])
+        expected = torch.linalg.lstsq(stacked_x, stacked_y).solution.T
+        torch.testing.assert_close(layer.toast_down["default"].weight.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_streaming_equals_one_batch():
+    base = make_vit()
+    batches = [make_inputs("vit", batch=2, seed=seed) for seed in range(4)]
+    one_batch = [{"pixel_values": torch.cat([batch["pixel_values"] for batch in batches])}]
+    streamed = get_peft_model(base, ToastConfig())
+    calibrate_feedback(streamed, batches, progress=False)
+    streamed_weights = [
+        layer.toast_down["default"].weight.clone() for layer in streamed.base_model._toast_layers("default")
+    ]
+    whole = get_peft_model(streamed.unload(), ToastConfig())
+    calibrate_feedback(whole, one_batch, progress=False)
+    for weight, layer in zip(streamed_weights, whole.base_model._toast_layers("default")):
+        torch.testing.assert_close(weight, layer.toast_down["default"].weight, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_tokens_are_excluded():
+    """A right-padded batch gives the statistics of its sequences without their padding, whatever the padding holds."""
+    base = make_llama()
+    model = get_peft_model(base, ToastConfig())
+    padded = make_inputs("llama", batch=3, seq=7, seed=1)
+    lengths = [7, 3, 5]
+    for row, length in enumerate(lengths):
+        padded["attention_mask"][row, length:] = 0
+    garbage = copy.deepcopy(padded)
+    garbage["input_ids"][padded["attention_mask"] == 0] = 50  # other token ids in the padding
+    unpadded = [
+        {
+            "input_ids": padded["input_ids"][row : row + 1, :length],
+            "attention_mask": torch.ones(1, length, dtype=torch.long),
+        }
+        for row, length in enumerate(lengths)
+    ]
+    statistics = [
+        collect_block_statistics(model, batches, progress=False) for batches in ([padded], [garbage], unpadded)
+    ]
+    for index in statistics[0]:
+        assert statistics[0][index].num_tokens == sum(lengths)
+        for other in statistics[1:]:
+            torch.testing.assert_close(statistics[0][index].gram, other[index].gram, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(statistics[0][index].cross, other[index].cross, rtol=1e-5, atol=1e-6)
+
+
+def _loss(h_out, h_in, weight):
+    return ((h_out @ weight.T - h_in) ** 2).mean().item()
+
+
+def _block_statistics(h_out, h_in):
+    statistics = BlockStatistics.zeros(h_out.shape[1])
+    statistics.add(h_in, h_out)
+    return statistics
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_low_rank_calibration_is_the_best_rank_r_map(kind):
+    factory, make_batches_ = CASES[kind]
+    base = factory()
+    batches = make_batches_()
+    tokens = _direct_tokens(base, batches)
+    rank, ridge = 3, 1e-3
+    model = get_peft_model(base, ToastConfig(feedback_rank=rank))
+    calibrate_feedback(model, batches, ridge=ridge, progress=False)
+
+    generator = torch.Generator().manual_seed(0)
+    for layer in model.base_model._toast_layers("default"):
+        h_out, h_in = tokens[layer.block_index]
+        dim = h_out.shape[1]
+        eye = torch.eye(dim, dtype=torch.float64)
+        calibrated = layer.toast_down["default"].effective_weight().double().detach()
+
+        # Independent reduced-rank regression: symmetric square root instead of a Cholesky factor.
+        gram = h_out.T @ h_out
+        regularised = gram + ridge * gram.trace() / dim * eye
+        values, vectors = torch.linalg.eigh(regularised)
+        root, inverse_root = (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
+        full_correction = (h_in - h_out).T @ h_out @ torch.linalg.inv(regularised)  # D* (d, d)
+        left, singular, right = torch.linalg.svd(full_correction @ root)
+        expected = eye + (left[:, :rank] * singular[:rank]) @ right[:rank] @ inverse_root
+        torch.testing.assert_close(calibrated, expected, rtol=1e-4, atol=1e-5)
+
+        # It beats the plain truncated SVD of the full-rank correction and random rank-r perturbations of itself.
+        loss = _loss(h_out, h_in, calibrated)
+        left, singular, right = torch.linalg.svd(full_correction)
+        truncated = eye + (left[:, :rank] * singular[:rank]) @ right[:rank]
+        assert loss <= _loss(h_out, h_in, truncated) + 1e-12
+        u, v = layer.toast_down["default"].u.double().detach(), layer.toast_down["default"].v.double().detach()
+        for _ in range(5):
+            du = 1e-2 * torch.randn(u.shape, generator=generator, dtype=torch.float64)
+            assert loss <= _loss(h_out, h_in, eye + (u + du) @ v) + 1e-12
+        # Full rank as the limit: rank d gives the full-rank solution.
+        statistics = _block_statistics(h_out, h_in)
+        u_full, v_full = reduced_rank_map(statistics, dim, ridge)
+        torch.testing.assert_close(eye + u_full @ v_full, least_squares_map(statistics, ridge))
+
+
+def test_lite_calibration_writes_the_frozen_map_and_zero_deltas():
+    base = make_vit()
+    batches = [make_inputs("vit", batch=4, seed=seed) for seed in range(2)]
+    tokens = _direct_tokens(base, batches)
+    model = get_peft_model(base, ToastConfig(lite_rank=2))
+    calibrate_feedback(model, batches, progress=False)
+    for layer in model.base_model._toast_layers("default"):
+        down = layer.toast_down["default"]
+        expected = least_squares_map(_block_statistics(*tokens[layer.block_index]))
+        assert "weight" in dict(down.named_buffers())
+        torch.testing.assert_close(down.weight.double(), expected, rtol=1e-4, atol=1e-5)
+        assert torch.count_nonzero(down.delta_u) == 0
+        torch.testing.assert_close(down.effective_weight(), down.weight)
+
+
+def _model_variational_loss(model, batch) -> float:
+    """The variational loss as the model computes it in a training forward (`toast_variational_loss`)."""
+    model.base_model.peft_config["default"].variational_loss_weight = 1.0
+    model.train()
+    with torch.no_grad():
+        return model(**batch)["toast_variational_loss"].item()
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_calibrated_loss_beats_identity_beats_random(kind):
+    factory = CASES[kind][0]
+    calibration = [make_inputs(kind, batch=8, seq=16, seed=seed) for seed in range(4)]  # enough tokens not to overfit
+    held_out = make_inputs(kind, batch=4, seq=7, seed=10)
+    losses = {}
+    for name, config in {
+        "calibrated": ToastConfig(),
+        "identity": ToastConfig(),
+        "random": ToastConfig(down_init="reference"),
+    }.items():
+        torch.manual_seed(0)
+        model = get_peft_model(factory(), config)
+        if name == "calibrated":
+            calibrate_feedback(model, calibration, progress=False)
+        losses[name] = _model_variational_loss(model, held_out)
+        # Our streamed evaluation is the model's own variational loss (no padding here).
+        assert reconstruction_error(model, [held_out]) == pytest.approx(losses[name], rel=1e-4)
+    assert losses["calibrated"] < losses["identity"] < losses["random"]
+
+
+# --------------------------------------------------------------------------------------------- CLI and reloading
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "the a cat dog sat ran on under mat log and quickly slowly red blue".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{word: i + 2 for i, word in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
+
+
+@pytest.fixture
+def tiny_llama_folder(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    make_llama().save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "calibration.txt"
+    text.write_text(
+        "\n".join(
+            ["the cat sat on the mat", "a dog ran", "the red dog sat under a blue log and the cat ran quickly"] * 4
+        )
+    )
+    return folder, text
+
+
+def test_cli_writes_a_loadable_calibrated_adapter(tiny_llama_folder, tmp_path):
+    folder, text = tiny_llama_folder
+    output = tmp_path / "calibrated"
+    args = [
+        "--model",
+        str(folder),
+        "--data",
+        str(text),
+        "--num-samples",
+        "9",
+        "--batch-size",
+        "4",
+        "--output",
+        str(output),
+    ]
+    result = main([*args, "--feedback-rank", "2"])
+    assert json.loads((output / "adapter_config.json").read_text())["feedback_rank"] == 2
+    assert result.loss_after < result.loss_before
+
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder), output)
+    # The same calibration in-process, on the same batches (9 lines: padding in every batch of 4).
+    torch.manual_seed(0)
+    expected = get_peft_model(LlamaForCausalLM.from_pretrained(folder), ToastConfig(feedback_rank=2))
+    lines = text.read_text().splitlines()[:9]
+    calibrate_feedback(expected, make_batches(lines, _tiny_tokenizer(), batch_size=4), progress=False)
+    for got, want in zip(loaded.base_model._toast_layers("default"), expected.base_model._toast_layers("default")):
+        torch.testing.assert_close(
+            got.toast_down["default"].effective_weight(), want.toast_down["default"].effective_weight()
+        )
+
+
+def _maps(model) -> dict[tuple[int, str], torch.Tensor]:
+    return {
+        (layer.block_index, kind): getattr(layer, kind)["default"].effective_weight().detach().clone()
+        for layer in model.base_model._toast_layers("default")
+        for kind in ("toast_down", "toast_readout")
+        if "default" in getattr(layer, kind)
+    }
+
+
+@pytest.fixture
+def calibrated_vit_backbone(tmp_path):
+    """A calibrated (and then perturbed, so that every tensor is distinctive) adapter on a headless `ViTModel`."""
+    backbone = make_vit(with_head=False)
+    model = get_peft_model(copy.deepcopy(backbone), ToastConfig())
+    calibrate_feedback(model, [make_inputs("vit", batch=4)], progress=False)
+    with torch.no_grad():
+        for layer in model.base_model._toast_layers("default"):
+            layer.toast_readout["default"].weight.normal_(std=0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    return backbone, model, tmp_path / "adapter"
+
+
+def test_load_initialisation_starts_a_new_head_from_a_backbone_adapter(calibrated_vit_backbone):
+    backbone, saved, folder = calibrated_vit_backbone
+    new_task = make_vit(num_labels=5)
+    new_task.vit.load_state_dict(backbone.state_dict(), strict=False)
+    head_before = new_task.classifier.weight.detach().clone()
+    model = load_initialisation(new_task, folder)
+
+    saved_maps, loaded_maps = _maps(saved), _maps(model)
+    assert saved_maps.keys() == loaded_maps.keys()
+    for key in saved_maps:
+        torch.testing.assert_close(loaded_maps[key], saved_maps[key])
+    torch.testing.assert_close(model.base_model.toast_prompt["default"], saved.base_model.toast_prompt["default"])
+    # A fresh 5-class head, trained and saved with the adapter.
+    head = model.base_model.model.classifier
+    assert head.modules_to_save["default"].weight.shape == (5, 32)
+    torch.testing.assert_close(head.modules_to_save["default"].weight, head_before)
+    assert head.modules_to_save["default"].weight.requires_grad
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert any("toast_down" in name for name in trainable) and any("toast_readout" in name for name in trainable)
+
+
+def test_load_initialisation_options(calibrated_vit_backbone):
+    backbone, saved, folder = calibrated_vit_backbone
+    fresh = load_initialisation(make_vit(), folder, fresh_prompt=True, fresh_readout=True, train_down=False)
+    assert not torch.equal(fresh.base_model.toast_prompt["default"], saved.base_model.toast_prompt["default"])
+    for (index, kind), weight in _maps(fresh).items():
+        if kind == "toast_readout":
+            assert torch.count_nonzero(weight) == 0  # readout_init="zero": the new task starts at the frozen model
+        else:
+            torch.testing.assert_close(weight, _maps(saved)[index, kind])
+    assert not any(p.requires_grad for n, p in fresh.named_parameters() if "toast_down" in n)
+
+    # TOAST-Lite from full-rank maps: the saved maps become the frozen weights, the deltas start at zero.
+    lite = load_initialisation(make_vit(), folder, lite_rank=2)
+    for (index, kind), weight in _maps(saved).items():
+        layer = next(layer for layer in lite.base_model._toast_layers("default") if layer.block_index == index)
+        torch.testing.assert_close(getattr(layer, kind)["default"].weight, weight)
+        assert torch.count_nonzero(getattr(layer, kind)["default"].delta_u) == 0
+
+    with pytest.raises(ValueError, match="Calibrate with `feedback_rank=2`"):
+        load_initialisation(make_vit(), folder, feedback_rank=2)
+
+
+def test_load_initialisation_from_a_causal_lm_into_a_classifier(tiny_llama_folder, tmp_path):
+    folder, text = tiny_llama_folder
+    output = tmp_path / "calibrated"
+    main(["--model", str(folder), "--data", str(text), "--num-samples", "6", "--output", str(output)])
+    saved = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder), output)
+    model = load_initialisation(LlamaForSequenceClassification.from_pretrained(folder, num_labels=2), output)
+    saved_maps, loaded_maps = _maps(saved), _maps(model)
+    assert saved_maps.keys() == loaded_maps.keys()
+    for key in saved_maps:
+        torch.testing.assert_close(loaded_maps[key], saved_maps[key])
+    assert model.base_model.model.score.modules_to_save["default"].weight.shape == (2, 32)
+
+
+def test_calibration_leaves_the_model_as_it_was():
+    """Training mode, adapters, readouts and outputs are untouched apart from the down-maps."""
+    model = get_peft_model(make_vit(), ToastConfig())
+    model.train()
+    readouts = {k: v for k, v in _maps(model).items() if k[1] == "toast_readout"}
+    calibrate_feedback(model, [make_inputs("vit")], progress=False)
+    assert model.training
+    assert model.base_model._active_toast_adapter() == "default"
+    for key, weight in readouts.items():
+        torch.testing.assert_close(_maps(model)[key], weight)
+
+
+def test_singular_gram_without_ridge_raises_a_clear_error():
+    model = get_peft_model(make_vit(), ToastConfig())
+    with pytest.raises(ValueError, match="larger `ridge`"):
+        calibrate_feedback(model, [make_inputs("vit", batch=1)], ridge=0.0, progress=False)  # 17 tokens, d = 32
+
+
+def test_vision_cli_end_to_end(tmp_path):
+    """`--data fashion-mnist` through an image processor, on a tiny ViT saved to a folder."""
+    from transformers import ViTImageProcessor
+
+    folder = tmp_path / "tiny-vit"
+    make_vit(with_head=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    output = tmp_path / "calibrated"
+    result = main(
+        [
+            "--model",
+            str(folder),
+            "--data",
+            "fashion-mnist",
+            "--num-samples",
+            "8",
+            "--lite-rank",
+            "2",
+            "--output",
+            str(output),
+        ]
+    )
+    loaded = PeftModel.from_pretrained(ViTModel.from_pretrained(folder), output)
+    assert result.num_tokens == 8 * 17
+    for layer in loaded.base_model._toast_layers("default"):
+        assert not torch.equal(layer.toast_down["default"].weight, torch.eye(32))

@@ -1,0 +1,84 @@
+"""SGD pre-tuning (`peft_toast.pretune`): the objective it optimises, what it trains, and its CLI."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_inputs, make_llama, make_vit
+from peft import PeftModel, get_peft_model
+from test_calibrate import tiny_llama_folder  # noqa: F401  (fixture)
+from transformers import LlamaForCausalLM
+
+from peft_toast import ToastConfig
+from peft_toast.calibrate import reconstruction_error
+from peft_toast.pretune import main, pretune
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items() if "toast_" in name}
+
+
+def test_encoder_loss_is_the_weighted_variational_loss_and_only_down_maps_train():
+    model = get_peft_model(make_vit(with_head=False), ToastConfig(variational_loss_weight=0.1))
+    batch = make_inputs("vit", batch=4)
+    model.train()
+    loss = model(**batch).loss
+    assert loss.item() == pytest.approx(0.1 * reconstruction_error(model, [batch]), rel=1e-4)
+
+    before = _tensors(model)
+    error_before = reconstruction_error(model, [batch])
+    result = pretune(model, [batch], max_steps=5, learning_rate=1e-2, progress=False)
+    after = _tensors(model)
+    assert result.steps == 5 and result.last_loss < result.first_loss
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {name for name in before if "toast_down" in name}
+    assert reconstruction_error(model, [batch]) < error_before
+
+
+def test_language_model_loss_adds_the_variational_loss_and_the_whole_top_down_module_trains():
+    base = make_llama()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, ToastConfig(variational_loss_weight=0.01, task_type="CAUSAL_LM"))
+    batch = make_inputs("llama", batch=2, seq=6)
+    batch["labels"] = batch["input_ids"].clone()
+    model.train()
+    with torch.no_grad():
+        lm_loss = reference(**batch).loss.item()  # zero readouts: pass 2 is the frozen model
+    expected = lm_loss + 0.01 * reconstruction_error(model, [batch])
+    assert model(**batch).loss.item() == pytest.approx(expected, rel=1e-5)
+
+    before = _tensors(model)
+    pretune(model, [batch], max_steps=3, learning_rate=1e-2, progress=False)
+    after = _tensors(model)
+    for kind in ("toast_down", "toast_readout", "toast_prompt"):
+        names = [name for name in before if kind in name]
+        assert names and all(not torch.equal(before[name], after[name]) for name in names), kind
+
+
+def test_pretune_needs_a_budget_and_a_loss():
+    model = get_peft_model(make_vit(with_head=False), ToastConfig())
+    with pytest.raises(ValueError, match="budget"):
+        pretune(model, [make_inputs("vit")], progress=False)
+    with pytest.raises(ValueError, match="variational_loss_weight"):
+        pretune(model, [make_inputs("vit")], max_steps=1, progress=False)
+
+
+def test_time_budget_stops_pretuning():
+    model = get_peft_model(make_vit(with_head=False), ToastConfig(variational_loss_weight=0.1))
+    result = pretune(model, [make_inputs("vit")], max_seconds=0.0, progress=False)
+    assert result.steps == 1  # the budget is checked after each step
+
+
+def test_cli_pretunes_from_the_calibration_and_writes_a_loadable_adapter(tiny_llama_folder, tmp_path):  # noqa: F811
+    folder, text = tiny_llama_folder
+    output = tmp_path / "pretuned"
+    args = ["--model", str(folder), "--data", str(text), "--num-samples", "8", "--batch-size", "4"]
+    result = main([*args, "--max-steps", "2", "--calibrate-first", "--output", str(output)])
+    assert result.steps == 2
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder), output)
+    config = loaded.peft_config["default"]
+    assert config.variational_loss_weight == 0.01  # the reference's weight for language models
+    readouts = [layer.toast_readout["default"].weight for layer in loaded.base_model._toast_layers("default")]
+    assert all(torch.count_nonzero(weight) > 0 for weight in readouts)  # the LM loss trained them
