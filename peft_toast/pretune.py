@@ -44,7 +44,7 @@ from .calibrate import (
 )
 from .io import atomic_save_pretrained
 
-__all__ = ["PretuneResult", "pretune"]
+__all__ = ["PretuneResult", "pretune_top_down"]
 
 
 @dataclass
@@ -57,7 +57,7 @@ class PretuneResult:
     last_loss: float
 
 
-def pretune(
+def pretune_top_down(
     peft_model: nn.Module,
     batches: Iterable[dict[str, Any]],
     *,
@@ -150,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> PretuneResult:
     if args.calibrate_first:
         calibrate_feedback(peft_model, batches, ridge=DEFAULT_RIDGE)
     max_steps = args.max_steps if args.max_steps is not None or args.max_seconds is not None else len(batches)
-    result = pretune(
+    result = pretune_top_down(
         peft_model, batches, max_steps=max_steps, max_seconds=args.max_seconds, learning_rate=args.learning_rate
     )
     atomic_save_pretrained(peft_model, args.output)

@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 
 from peft_toast import ToastConfig
 from peft_toast.calibrate import reconstruction_error
-from peft_toast.pretune import main, pretune
+from peft_toast.pretune import main, pretune_top_down
 
 
 def _tensors(model) -> dict[str, torch.Tensor]:
@@ -29,7 +29,7 @@ def test_encoder_loss_is_the_weighted_variational_loss_and_only_down_maps_train(
 
     before = _tensors(model)
     error_before = reconstruction_error(model, [batch])
-    result = pretune(model, [batch], max_steps=5, learning_rate=1e-2, progress=False)
+    result = pretune_top_down(model, [batch], max_steps=5, learning_rate=1e-2, progress=False)
     after = _tensors(model)
     assert result.steps == 5 and result.last_loss < result.first_loss
     changed = {name for name in before if not torch.equal(before[name], after[name])}
@@ -50,7 +50,7 @@ def test_language_model_loss_adds_the_variational_loss_and_the_whole_top_down_mo
     assert model(**batch).loss.item() == pytest.approx(expected, rel=1e-5)
 
     before = _tensors(model)
-    pretune(model, [batch], max_steps=3, learning_rate=1e-2, progress=False)
+    pretune_top_down(model, [batch], max_steps=3, learning_rate=1e-2, progress=False)
     after = _tensors(model)
     for kind in ("toast_down", "toast_readout", "toast_prompt"):
         names = [name for name in before if kind in name]
@@ -60,14 +60,14 @@ def test_language_model_loss_adds_the_variational_loss_and_the_whole_top_down_mo
 def test_pretune_needs_a_budget_and_a_loss():
     model = get_peft_model(make_vit(with_head=False), ToastConfig())
     with pytest.raises(ValueError, match="budget"):
-        pretune(model, [make_inputs("vit")], progress=False)
+        pretune_top_down(model, [make_inputs("vit")], progress=False)
     with pytest.raises(ValueError, match="variational_loss_weight"):
-        pretune(model, [make_inputs("vit")], max_steps=1, progress=False)
+        pretune_top_down(model, [make_inputs("vit")], max_steps=1, progress=False)
 
 
 def test_time_budget_stops_pretuning():
     model = get_peft_model(make_vit(with_head=False), ToastConfig(variational_loss_weight=0.1))
-    result = pretune(model, [make_inputs("vit")], max_seconds=0.0, progress=False)
+    result = pretune_top_down(model, [make_inputs("vit")], max_seconds=0.0, progress=False)
     assert result.steps == 1  # the budget is checked after each step
 
 
