@@ -6,7 +6,9 @@ Importing this package registers the method with PEFT, so that `get_peft_model(m
 
 from .architectures import ToastArchitecture, register_architecture
 from .config import ToastConfig
+from .io import atomic_save_pretrained
 from .layer import ToastLayer
+from .loading import check_adapter, load_toast_adapter
 from .model import ToastModel
 from .registration import register
 
@@ -17,6 +19,9 @@ __all__ = [
     "ToastConfig",
     "ToastLayer",
     "ToastModel",
+    "atomic_save_pretrained",
+    "check_adapter",
+    "load_toast_adapter",
     "register_architecture",
 ]
 

@@ -99,6 +99,29 @@ class ResolvedArchitecture:
         return self.blocks[-1]
 
 
+def model_dims(model: nn.Module, resolved: ResolvedArchitecture) -> dict:
+    """The dimensions an adapter depends on: recorded in `ToastConfig.base_model_dims` when the adapter is created and
+    compared with the base model when it is loaded. Sizes the model config does not declare are left out."""
+    config = getattr(model, "config", None)
+    dims = {
+        "model_type": getattr(config, "model_type", None) or type(model).__name__,
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_blocks": len(resolved.blocks),
+        "num_attention_heads": getattr(config, "num_attention_heads", None),
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+    }
+    return {key: value for key, value in dims.items() if isinstance(value, (int, str)) and not isinstance(value, bool)}
+
+
+def dims_mismatch(recorded: dict, current: dict) -> list[str]:
+    """The sizes (present in both) where an adapter's recorded `base_model_dims` differ from a model's, as phrases."""
+    return [
+        f"{key} {recorded[key]!r} in the adapter vs {current[key]!r} in the base model"
+        for key in recorded
+        if key in current and recorded[key] != current[key]
+    ]
+
+
 def _how_to_declare(model_type: str) -> str:
     return (
         f"Declare it with `peft_toast.register_architecture({model_type!r}, ToastArchitecture(blocks=..., value=..., "

@@ -72,6 +72,11 @@ class ToastConfig(PeftConfig):
             Modules trained and saved in full besides the adapter. `None` (default) picks the task head of a
             classification model (`classifier` / `score`), as PEFT's `SEQ_CLS` task type does; pass `[]` to keep the
             head frozen.
+        base_model_dims (`dict`, *optional*):
+            Filled in when the adapter is created: model type, hidden size, number of blocks and attention heads of the
+            base model. Loading onto a model that differs warns (`PeftModel.from_pretrained`) or raises
+            (`peft_toast.load_toast_adapter`), because the adapter's tensors can fit a different model of the same
+            hidden size without fitting its function. Not meant to be set by hand.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -118,6 +123,10 @@ class ToastConfig(PeftConfig):
             "help": "Modules trained and saved besides the adapter. None = the head of a classification model; "
             "[] = none."
         },
+    )
+    base_model_dims: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Recorded on creation: the base model's type, hidden size, blocks and heads (load check)."},
     )
 
     def __post_init__(self):
@@ -178,8 +187,8 @@ class ToastConfig(PeftConfig):
                 f"`variational_loss_weight` must be a finite number >= 0 (0 disables it), got "
                 f"{self.variational_loss_weight!r}."
             )
-        if not isinstance(self.cosine_eps, (int, float)) or isinstance(self.cosine_eps, bool) or not self.cosine_eps > 0:
-            raise ValueError(f"`cosine_eps` must be a positive number such as 1e-6, got {self.cosine_eps!r}.")
+        if not isinstance(self.cosine_eps, (int, float)) or isinstance(self.cosine_eps, bool) or not 0 < self.cosine_eps < float("inf"):
+            raise ValueError(f"`cosine_eps` must be a finite positive number such as 1e-6, got {self.cosine_eps!r}.")
         if self.modules_to_save is not None and (
             not isinstance(self.modules_to_save, (list, tuple))
             or not all(isinstance(name, str) and name for name in self.modules_to_save)
@@ -187,6 +196,18 @@ class ToastConfig(PeftConfig):
             raise ValueError(
                 f"`modules_to_save` must be None (the task head of a classification model), [] or a list of module "
                 f"names, got {self.modules_to_save!r}."
+            )
+        if self.base_model_dims is not None and (
+            not isinstance(self.base_model_dims, dict)
+            or not all(
+                isinstance(key, str) and isinstance(value, (int, str)) and not isinstance(value, bool)
+                for key, value in self.base_model_dims.items()
+            )
+        ):
+            raise ValueError(
+                f"`base_model_dims` must be None or a dict of sizes such as {{'hidden_size': 768, 'num_blocks': 12}}, "
+                f"got {self.base_model_dims!r}. It is recorded automatically; remove it from adapter_config.json "
+                f"rather than editing it."
             )
 
 

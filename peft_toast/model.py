@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
+from transformers.cache_utils import Cache
 
-from .architectures import ResolvedArchitecture, resolve_architecture
+from .architectures import ResolvedArchitecture, dims_mismatch, model_dims, resolve_architecture
 from .config import ToastConfig
-from .generation import attach_to_output, prepare_pass1_cache
+from .generation import CACHE_ARGUMENT_NAMES, attach_to_output, prepare_pass1_cache
 from .layer import ToastLayer, value_input_features
 from .state import CallState, Pass1Done, checkpoint_with_signals, current_state, pop_state, push_state, use_state
 from .topdown import FeedbackMap, feedback_chain, token_selection
@@ -21,6 +23,9 @@ from .topdown import FeedbackMap, feedback_chain, token_selection
 CLASSIFICATION_HEAD_NAMES = ("classifier", "score")
 # Keyword arguments that pass 1 does not need (it stops at the feature, before any head or loss).
 _PASS2_ONLY_ARGUMENTS = ("labels", "output_attentions", "output_hidden_states")
+# The main input of transformers models, in the order they are looked for; the first two are token sequences.
+_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+_TOKEN_INPUT_NAMES = ("input_ids", "inputs_embeds")
 
 
 class ToastModel(BaseTuner):
@@ -84,6 +89,15 @@ class ToastModel(BaseTuner):
         }
         if peft_config.modules_to_save is None:
             peft_config.modules_to_save = _default_head(self.model)
+        dims = model_dims(self.model, architecture)
+        mismatch = dims_mismatch(peft_config.base_model_dims or {}, dims)
+        if mismatch:
+            warnings.warn(
+                f"This TOAST adapter was made for a different base model ({'; '.join(mismatch)}): tensors of the same "
+                f"hidden size load, but the adapter will not do what it was trained to do. Load it onto the model it "
+                f"was made for, or use `peft_toast.load_toast_adapter`, which refuses such a load."
+            )
+        peft_config.base_model_dims = dims
         return peft_config
 
     def _check_target_module_exists(self, peft_config: ToastConfig, key: str) -> bool:
@@ -172,6 +186,7 @@ class ToastModel(BaseTuner):
         adapter_name = self._active_toast_adapter()
         if adapter_name is None:
             return None
+        _check_inputs(self.toast_prompt[adapter_name], args, kwargs)
         self._wrap_gradient_checkpointing()
         architecture = self._toast_architecture
         pass1_kwargs = {key: value for key, value in kwargs.items() if key not in _PASS2_ONLY_ARGUMENTS}
@@ -183,6 +198,7 @@ class ToastModel(BaseTuner):
                 pass1_kwargs[cache_name] = state.pass1_cache
                 pass1_kwargs["use_cache"] = True
         features = self.run_pass1(module, args, pass1_kwargs)
+        _check_feature(features, kwargs.get("attention_mask"))
         state.signals, state.gates = self.top_down_signals(adapter_name, features)
         if self.training and self.peft_config[adapter_name].variational_loss_weight > 0:
             state.block_io = []
@@ -363,6 +379,66 @@ def _default_head(model: nn.Module) -> list[str]:
     if not type(model).__name__.endswith(("ForImageClassification", "ForSequenceClassification", "ForTokenClassification")):
         return []
     return [name for name in CLASSIFICATION_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+
+
+def _check_inputs(prompt: torch.Tensor, args: tuple, kwargs: dict) -> None:
+    """Shape checks of one call's inputs (no data is read), so that bad input fails with a message that says what to do
+    instead of a reshape error deep inside the model or, worse, an attention mask that is silently broadcast."""
+    name = next((n for n in _INPUT_NAMES if isinstance(kwargs.get(n), torch.Tensor)), None)
+    inputs = kwargs[name] if name else (args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if inputs is None:
+        return
+    if prompt.is_meta and not inputs.is_meta:
+        raise ValueError(
+            "The TOAST adapter's weights are still on the meta device: it was created with `low_cpu_mem_usage=True` "
+            "and its weights were never loaded. Load them with `model.load_adapter(path, adapter_name)` or "
+            "`PeftModel.from_pretrained`, or create the adapter without `low_cpu_mem_usage=True`."
+        )
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise ValueError(
+            f"TOAST got an empty batch (`{name or 'inputs'}` of shape {tuple(inputs.shape)}). Skip empty batches before "
+            f"calling the model."
+        )
+    if not (name in _TOKEN_INPUT_NAMES or (name is None and not inputs.is_floating_point())):
+        return
+    batch, length = inputs.shape[:2]
+    if length == 0:
+        raise ValueError(
+            f"TOAST got sequences of length 0 (`{name or 'input_ids'}` of shape {tuple(inputs.shape)}). Every sequence "
+            f"needs at least one token; to generate from nothing, start from the BOS token."
+        )
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return
+    cache = next((kwargs[n] for n in CACHE_ARGUMENT_NAMES if kwargs.get(n) is not None), None)
+    cached = cache is not None and (not isinstance(cache, Cache) or cache.get_seq_length() > 0)
+    # Without a cache the mask covers exactly the inputs; with one it also covers the cached tokens.
+    if mask.shape[0] != batch or mask.shape[1] < length or (not cached and mask.shape[1] != length):
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(mask.shape)} but the inputs have batch size {batch} and {length} tokens"
+            f"{' (plus cached tokens)' if cached else ''}. Pass the mask that the tokenizer returned with these inputs: "
+            f"one row per sequence, one entry per token (cached tokens included)."
+        )
+
+
+def _check_feature(features: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> None:
+    """Refuse a pass-1 feature `(B, N, d)` that is NaN or infinite at a real (unmasked) token. This is the one check per
+    call that reads data, and it reads a tensor that pass 1 computed anyway; stopping here keeps NaN out of the
+    signals, the loss, the gradients and finally the saved adapter."""
+    if features.is_meta:
+        return
+    bad = ~torch.isfinite(features).all(dim=-1)  # (B, N)
+    mask = attention_mask
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == bad.shape[0] and mask.shape[1] >= bad.shape[1]:
+        bad &= mask[:, -bad.shape[1] :].to(device=bad.device, dtype=torch.bool)  # padding may be anything
+    if bad.any():
+        rows = sorted(set(bad.nonzero()[:, 0].tolist()))
+        raise ValueError(
+            f"TOAST's pass 1 produced NaN or inf at real (unpadded) tokens of batch rows {rows[:10]}: the inputs contain "
+            f"NaN/inf, or the frozen model overflows in {features.dtype}. Check the inputs (`torch.isfinite(x).all()`) "
+            f"or run the base model in float32 or bfloat16. The call stopped before any signal, loss or gradient was "
+            f"computed."
+        )
 
 
 def _capture_feature(module: nn.Module, args: tuple, output: Any) -> None:

@@ -1,0 +1,338 @@
+"""Loading a TOAST adapter safely: the folder, the config and the tensors are checked against the base model *before*
+PEFT touches the model.
+
+`PeftModel.from_pretrained` trusts what it reads. Without `import peft_toast` it fails with a bare `KeyError: 'TOAST'`;
+a truncated weights file surfaces as a deserialisation error; an adapter made for a model with more blocks loads with a
+warning about missing keys, and one made for a model with other attention heads loads silently. `load_toast_adapter`
+checks each of these first and says what is wrong and what to do::
+
+    from peft_toast import load_toast_adapter
+
+    model = load_toast_adapter(base_model, "path/to/adapter")  # or a Hub repository id
+
+Adapter weights are read from safetensors, or from a legacy `adapter_model.bin` with `torch.load(weights_only=True)`,
+which refuses to run code hidden in a pickle. No string from `adapter_config.json` is evaluated or imported.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import pickle
+import struct
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from peft import PeftModel, get_peft_model
+from peft.utils import PeftType, get_peft_model_state_dict
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import safe_open
+from torch import nn
+
+from .architectures import dims_mismatch, model_dims, resolve_architecture
+from .config import ToastConfig
+from .registration import TOAST_PEFT_TYPE, register
+
+# Bytes per element of the safetensors dtypes an adapter can hold.
+_SAFETENSORS_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
+def load_toast_adapter(
+    model: nn.Module,
+    model_id: Union[str, os.PathLike],
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    *,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    **kwargs,
+) -> PeftModel:
+    """`PeftModel.from_pretrained(model, model_id, ...)` for TOAST adapters, with every check of `check_adapter` first.
+
+    Args:
+        model: the base model (not a `PeftModel`), with its weights loaded.
+        model_id: a local adapter directory or a Hub repository id.
+        adapter_name, is_trainable, **kwargs: as in `PeftModel.from_pretrained`.
+        subfolder, revision, token, cache_dir: where to find the adapter on the Hub (or in a subfolder).
+
+    Raises:
+        FileNotFoundError: no adapter at `model_id` (missing directory, config or weights).
+        ValueError: the adapter is not TOAST, is damaged, or does not fit `model`; the message says what to do.
+    """
+    register()  # idempotent; restores the registration if something removed TOAST from PEFT's mappings
+    folder = resolve_adapter_dir(model_id, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
+    config = check_adapter(folder, model)
+    return PeftModel.from_pretrained(
+        model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
+    )
+
+
+def resolve_adapter_dir(
+    model_id: Union[str, os.PathLike],
+    *,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+) -> Path:
+    """The local directory of an adapter: `model_id` itself, or a download of its adapter files from the Hub."""
+    path = Path(model_id)
+    if path.is_file():
+        raise ValueError(
+            f"{str(model_id)!r} is a file; pass the directory that holds {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME}."
+        )
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        prefix = f"{subfolder}/" if subfolder else ""
+        try:
+            path = Path(
+                snapshot_download(
+                    str(model_id),
+                    revision=revision,
+                    token=token,
+                    cache_dir=cache_dir,
+                    allow_patterns=[prefix + name for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)],
+                )
+            )
+        except Exception as error:  # invalid id, offline, missing repository: all mean "no adapter here"
+            raise FileNotFoundError(
+                f"There is no adapter directory at {str(model_id)!r}, and it could not be fetched from the Hugging Face "
+                f"Hub ({type(error).__name__}: {error}). Pass the directory that holds {CONFIG_NAME}, or a Hub "
+                f"repository id (online, or already in the local cache)."
+            ) from error
+    folder = path / subfolder if subfolder else path
+    if not folder.is_dir():
+        raise FileNotFoundError(f"The adapter directory {str(folder)!r} does not exist; check `subfolder`.")
+    return folder
+
+
+def check_adapter(folder: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> ToastConfig:
+    """Check a local TOAST adapter directory, and that it fits `model` when given; return its validated config.
+
+    Checks, in order: `adapter_config.json` exists, is JSON and says `"peft_type": "TOAST"`; every setting is valid
+    (`ToastConfig`); a weights file exists, is complete and readable without executing code, and holds only finite
+    numbers; and, with `model`: the model's weights are loaded (not on the meta device), it has the dimensions the
+    adapter was made for, and the saved tensors have exactly the names and shapes that the adapter needs on it.
+    """
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    shapes = read_adapter_weights(folder)
+    if model is not None:
+        _check_fits(config, shapes, model, folder)
+    return config
+
+
+def read_adapter_config(folder: Path) -> ToastConfig:
+    """Read and validate `folder/adapter_config.json` as a TOAST config."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(folder)!r} has no {CONFIG_NAME}: it is not an adapter directory, or a save into it was interrupted. "
+            f"Pass the directory that `save_pretrained` wrote, or save the adapter again."
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{str(path)!r} is not valid JSON ({error}); the file is damaged or was only partly written. Save the "
+            f"adapter again or download it again."
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object of settings, got {type(data).__name__}.")
+    peft_type = data.get("peft_type")
+    if peft_type is None:
+        raise ValueError(
+            f"{str(path)!r} has no `peft_type`, so it is not a PEFT adapter config. A TOAST adapter's config says "
+            f'"peft_type": "{TOAST_PEFT_TYPE.value}"; save the adapter again with `save_pretrained`.'
+        )
+    if peft_type != TOAST_PEFT_TYPE.value:
+        if isinstance(peft_type, str) and peft_type in PeftType.__members__:
+            raise ValueError(
+                f"{str(path)!r} is a {peft_type} adapter, not a TOAST adapter. Load it with "
+                f"`PeftModel.from_pretrained(base_model, path)`."
+            )
+        raise ValueError(
+            f"{str(path)!r} has the unknown `peft_type` {peft_type!r}. A TOAST adapter's config says "
+            f'"peft_type": "{TOAST_PEFT_TYPE.value}"; an adapter of another PEFT method needs that method\'s package '
+            f"imported and `PeftModel.from_pretrained`."
+        )
+    # Validation (ValueError naming the field) happens in ToastConfig; unknown fields are dropped with PEFT's warning.
+    return ToastConfig.from_pretrained(str(folder))
+
+
+def read_adapter_weights(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Check the adapter weights in `folder` without executing anything; return `{key: shape}`."""
+    safetensors_path, pickle_path = folder / SAFETENSORS_WEIGHTS_NAME, folder / WEIGHTS_NAME
+    if safetensors_path.is_file():
+        shapes = read_safetensors_header(safetensors_path)
+        with safe_open(str(safetensors_path), framework="pt") as file:
+            _check_finite({key: file.get_tensor(key) for key in shapes}, safetensors_path)
+        return shapes
+    if pickle_path.is_file():
+        try:
+            state_dict = torch.load(pickle_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{str(pickle_path)!r} holds more than tensors, and `torch.load(weights_only=True)` refused to unpickle "
+                f"it ({str(error).splitlines()[0]}). It may run code when loaded; do not load it with "
+                f"`weights_only=False`. Ask its author for an {SAFETENSORS_WEIGHTS_NAME} version."
+            ) from None
+        except (RuntimeError, EOFError, OSError) as error:
+            raise ValueError(
+                f"{str(pickle_path)!r} is damaged or incomplete ({error}); save or download the adapter again."
+            ) from None
+        if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+            raise ValueError(f"{str(pickle_path)!r} must hold a dict of tensors; save the adapter again.")
+        _check_finite(state_dict, pickle_path)
+        return {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
+    raise FileNotFoundError(
+        f"{str(folder)!r} has an adapter config but no weights ({SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}): the save "
+        f"was interrupted or the download is incomplete. Save or download the adapter again."
+    )
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """`{key: shape}` from a safetensors file, after checking that the header is readable and the file complete.
+
+    The format is an 8-byte little-endian header length, a JSON header `{key: {dtype, shape, data_offsets}}` and the
+    tensor bytes; a file cut short anywhere fails one of the checks below.
+    """
+    damaged = f"{str(path)!r} is damaged or incomplete"
+    fix = "Save or download the adapter again; a file cut short like this one is what an interrupted write leaves."
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{damaged}: it is {size} bytes long, shorter than a safetensors header. {fix}")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > size - 8:
+            raise ValueError(f"{damaged}: its header claims {header_size} bytes but the file has {size}. {fix}")
+        try:
+            header = json.loads(file.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{damaged}: its header is not readable. {fix}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{damaged}: its header is not a JSON object. {fix}")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - header_size
+    shapes, end = {}, 0
+    for key, entry in header.items():
+        try:
+            shape = tuple(int(n) for n in entry["shape"])
+            start, stop = (int(n) for n in entry["data_offsets"])
+            expected = math.prod(shape) * _SAFETENSORS_ITEMSIZE[entry["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{damaged}: the header entry of {key!r} is malformed. {fix}") from None
+        if not 0 <= start <= stop or stop - start != expected:
+            raise ValueError(f"{damaged}: the header entry of {key!r} is inconsistent. {fix}")
+        shapes[key] = shape
+        end = max(end, stop)
+    if end != data_size:
+        raise ValueError(f"{damaged}: its header describes {end} bytes of tensors but {data_size} follow it. {fix}")
+    return shapes
+
+
+def _check_finite(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    bad = [
+        key for key, tensor in state_dict.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+    if bad:
+        raise ValueError(
+            f"{str(path)!r} holds NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}): the adapter "
+            f"was saved from a diverged training run or the file is corrupt. Use an earlier checkpoint, or retrain "
+            f"with a lower learning rate."
+        )
+
+
+def _check_fits(config: ToastConfig, shapes: dict[str, tuple[int, ...]], model: nn.Module, folder: Path) -> None:
+    """Raise unless the adapter (config + saved shapes) fits `model`."""
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "Pass the base model, not a PeftModel: `load_toast_adapter(base_model, path)`. To add a second adapter to a "
+            "PeftModel, use `peft_model.load_adapter(path, adapter_name=...)`."
+        )
+    if getattr(model, "hf_device_map", None) is None and any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "The base model's weights are on the meta device (it was created under `torch.device('meta')` or "
+            "`init_empty_weights`), so the adapter would be loaded into tensors without data. Load the base model's "
+            "weights first (e.g. `AutoModel.from_pretrained(...)`), then the adapter."
+        )
+    made_for = config.base_model_name_or_path or "the model named by `base_model_name_or_path` in adapter_config.json"
+    if config.base_model_dims:
+        mismatch = dims_mismatch(
+            config.base_model_dims, model_dims(model, resolve_architecture(model, config.target_modules))
+        )
+        if mismatch:
+            raise ValueError(
+                f"The adapter in {str(folder)!r} was made for a different base model: {'; '.join(mismatch)}. Load it "
+                f"onto the model it was made for ({made_for})."
+            )
+    expected = _expected_shapes(model, config)
+    problems = []
+    prompt = "base_model.toast_prompt"
+    if prompt in shapes and prompt in expected and shapes[prompt] != expected[prompt]:
+        # Every other tensor differs as a consequence; name the cause once.
+        problems.append(f"hidden size {shapes[prompt][0]} in the adapter vs {expected[prompt][0]} in the base model")
+    else:
+        for key in sorted(set(expected) & set(shapes)):
+            if expected[key] != shapes[key]:
+                problems.append(
+                    f"`{key}` has shape {shapes[key]} in the adapter but {expected[key]} on the base model"
+                )
+                if (
+                    "toast_" not in key
+                    and shapes[key][:1] != expected[key][:1]
+                    and hasattr(getattr(model, "config", None), "num_labels")
+                ):
+                    problems[-1] += (
+                        f" (the task head was trained for {shapes[key][0]} labels: create the base model with "
+                        f"`num_labels={shapes[key][0]}`)"
+                    )
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing:
+        problems.append(
+            f"{len(missing)} tensor(s) the base model needs are missing from the adapter ({', '.join(missing[:3])})"
+        )
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} tensor(s) in the adapter have no place on the base model ({', '.join(unexpected[:3])})"
+        )
+    if problems:
+        raise ValueError(
+            f"The adapter in {str(folder)!r} does not fit this base model: {'; '.join(problems)}. It was made for a model "
+            f"with another hidden size, number of blocks or head, or with other TOAST settings; load it onto the model "
+            f"it was made for ({made_for})."
+        )
+
+
+def _expected_shapes(model: nn.Module, config: ToastConfig) -> dict[str, tuple[int, ...]]:
+    """`{key: shape}` of the adapter that `config` creates on `model`, as `save_pretrained` would name it.
+
+    Built on a copy of `model` whose tensors live on the meta device, so it costs no memory and leaves `model` alone, and
+    uses the tuner itself, so every TOAST setting is covered without restating how it lays out its tensors.
+    """
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    skeleton = copy.deepcopy(model, memo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_skeleton = get_peft_model(skeleton, copy.deepcopy(config))
+    return {key: tuple(t.shape) for key, t in get_peft_model_state_dict(peft_skeleton).items()}
