@@ -26,6 +26,9 @@ _PASS2_ONLY_ARGUMENTS = ("labels", "output_attentions", "output_hidden_states")
 # The main input of transformers models, in the order they are looked for; the first two are token sequences.
 _INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 _TOKEN_INPUT_NAMES = ("input_ids", "inputs_embeds")
+# Keyword argument of a TOAST forward call that hands over a precomputed pass-1 feature, `(B, N, d)`, so that pass 1 is
+# skipped (`peft_toast.feature_cache`). It is removed before the wrapped model's forward sees it.
+FEATURES_ARGUMENT = "toast_features"
 
 
 class ToastModel(BaseTuner):
@@ -152,6 +155,7 @@ class ToastModel(BaseTuner):
         handles.append(self.model.register_forward_pre_hook(self._toast_pre_forward, with_kwargs=True, prepend=True))
         handles.append(self.model.register_forward_hook(self._toast_post_forward, with_kwargs=True, always_call=True))
         handles.append(architecture.feature_module.register_forward_hook(_capture_feature))
+        handles.append(architecture.blocks[0].register_forward_pre_hook(_check_given_feature, with_kwargs=True))
         for index, block in enumerate(architecture.blocks):
             handles.append(block.register_forward_hook(_make_block_recorder(index), with_kwargs=True))
         # Looked up once here rather than on every call: all ToastLayers of the model, from the top block down.
@@ -183,26 +187,61 @@ class ToastModel(BaseTuner):
 
     def _toast_pre_forward(self, module: nn.Module, args: tuple, kwargs: dict):
         state = push_state(CallState(owner=self))  # first, so the always-called post hook can always pop it
+        # Popped in place: the wrapped model never sees it, adapters enabled or not.
+        given_features = kwargs.pop(FEATURES_ARGUMENT, None)
         adapter_name = self._active_toast_adapter()
         if adapter_name is None:
-            return None
+            return None if given_features is None else (args, kwargs)
         _check_inputs(self.toast_prompt[adapter_name], args, kwargs)
         self._wrap_gradient_checkpointing()
         architecture = self._toast_architecture
         pass1_kwargs = {key: value for key, value in kwargs.items() if key not in _PASS2_ONLY_ARGUMENTS}
-        if architecture.causal:
+        if architecture.causal and given_features is None:
             cache_name, state.pass1_cache = prepare_pass1_cache(self.model, kwargs, self._toast_cache_argument)
             for name in ("cache", "past_key_values"):
                 pass1_kwargs.pop(name, None)
             if state.pass1_cache is not None:
                 pass1_kwargs[cache_name] = state.pass1_cache
                 pass1_kwargs["use_cache"] = True
-        features = self.run_pass1(module, args, pass1_kwargs)
+        if given_features is None:
+            features = self.run_pass1(module, args, pass1_kwargs)
+        else:  # precomputed (peft_toast.feature_cache): pass 2's first block checks it against its inputs
+            features = state.feature = self._given_features(module, kwargs, given_features, adapter_name)
         _check_feature(features, kwargs.get("attention_mask"))
         state.signals, state.gates = self.top_down_signals(adapter_name, features)
         if self.training and self.peft_config[adapter_name].variational_loss_weight > 0:
             state.block_io = []
-        return None
+        return None if given_features is None else (args, kwargs)
+
+    def _given_features(self, module: nn.Module, kwargs: dict, features, adapter_name: str) -> torch.Tensor:
+        """Check a precomputed pass-1 feature (`toast_features=`) and refuse it where it cannot equal what pass 1
+        would compute; turns the KV cache of a decoder off (a cache returned now would lack its pass-1 twin)."""
+        dim = self.toast_prompt[adapter_name].shape[0]
+        if not isinstance(features, torch.Tensor) or features.ndim != 3 or features.shape[-1] != dim:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(
+                f"`{FEATURES_ARGUMENT}` must be the pass-1 feature of shape (batch, tokens, {dim}), got {shape}. "
+                f"Compute it with `peft_toast.feature_cache.precompute_features`."
+            )
+        if self._toast_architecture.causal:
+            cache = next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
+            if cache is not None or kwargs.get("use_cache"):
+                raise ValueError(
+                    f"`{FEATURES_ARGUMENT}` covers exactly the tokens of one teacher-forced call, but this call decodes "
+                    f"with a KV cache (`generate` or `use_cache=True`), which must run pass 1 on every new token. Drop "
+                    f"`{FEATURES_ARGUMENT}` to generate."
+                )
+            kwargs["use_cache"] = False
+        if module.training:
+            stochastic = stochastic_modules(self._toast_architecture.backbone)
+            if stochastic:
+                raise ValueError(
+                    f"`{FEATURES_ARGUMENT}` was given in training mode, but pass 1 is random or batch-dependent in "
+                    f"training mode here (dropout, stochastic depth or batch norm in {', '.join(stochastic[:3])}), so "
+                    f"a cached feature is not what pass 1 would compute. Set those probabilities to 0 (e.g. "
+                    f"`hidden_dropout_prob=0.0`, `attention_probs_dropout_prob=0.0`) or train without the feature cache."
+                )
+        return features
 
     def run_pass1(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """Run the frozen model without signals up to the feature and return it, `(B, N, d)`."""
@@ -447,6 +486,38 @@ def _capture_feature(module: nn.Module, args: tuple, output: Any) -> None:
     if state is not None and state.pass1:
         state.feature = output[0] if isinstance(output, tuple) else output
         raise Pass1Done
+
+
+def _check_given_feature(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the first block: a precomputed pass-1 feature must have this call's `(B, N, d)`."""
+    state = current_state()
+    if state is None or state.pass1 or state.feature is None:
+        return
+    hidden = args[0] if args else kwargs["hidden_states"]  # (B, N, d)
+    if tuple(hidden.shape) != tuple(state.feature.shape):
+        raise ValueError(
+            f"`{FEATURES_ARGUMENT}` has shape {tuple(state.feature.shape)}, but this call's tokens have shape "
+            f"{tuple(hidden.shape)} (batch, tokens, hidden size): the cached feature does not belong to these inputs. "
+            f"Pass the feature precomputed for exactly this batch, in the same order."
+        )
+
+
+def stochastic_modules(backbone: nn.Module) -> list[str]:
+    """Names of the modules that make a forward of `backbone` random or batch-dependent in its current mode: dropout
+    (a module, or a `*drop*` probability attribute, as transformers' attention classes keep it), stochastic depth and
+    batch norm in training mode."""
+    found = []
+    for name, module in backbone.named_modules():
+        if not module.training:
+            continue
+        stochastic = isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+        stochastic = stochastic or isinstance(module, nn.modules.batchnorm._BatchNorm)
+        stochastic = stochastic or any(
+            "drop" in key and isinstance(value, float) and value > 0 for key, value in vars(module).items()
+        )
+        if stochastic:
+            found.append(name or type(backbone).__name__)
+    return found
 
 
 def _make_block_recorder(index: int):
