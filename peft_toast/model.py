@@ -144,7 +144,9 @@ class ToastModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: ToastConfig, adapter_name: str) -> None:
         self._register_toast_hooks()
-        self._sync_selection_trainability()
+        # The same `inference_mode` that `inject_adapter` just applied to the wrapped layers (frozen after
+        # `from_pretrained(..., is_trainable=False)`).
+        self._sync_selection_trainability(config.inference_mode)
 
     def _register_toast_hooks(self) -> None:
         self._remove_toast_hooks()
