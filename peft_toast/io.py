@@ -80,10 +80,9 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         if path.is_dir():
             _carry_over(path, tmp)
         _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace_directory(tmp, path)
+        _replace_directory(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the unfinished write, or the previous contents after a swap
 
 
 @contextlib.contextmanager
@@ -148,16 +147,18 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _replace_directory(new: Path, path: Path) -> None:
-    """Put directory `new` at `path`, then delete what was there."""
+    """Put directory `new` at `path`; what was at `path` ends up at `new` or is deleted."""
     if not path.exists():
         os.rename(new, path)
-    elif _exchange(new, path):
-        shutil.rmtree(new)  # `new` now holds the previous contents
-    else:
+    elif not _exchange(new, path):  # after an exchange, `new` holds the previous contents (deleted by the caller)
         # No atomic exchange on this system: two renames, the previous contents kept aside until the second is done.
         old = new.with_name(new.name.replace(".tmp-", ".old-", 1))
         os.rename(path, old)
-        os.rename(new, path)
+        try:
+            os.rename(new, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
         shutil.rmtree(old)
     _fsync(path.parent)
 
