@@ -250,15 +250,39 @@ def _down_maps(peft_model: nn.Module, adapter_name: str) -> dict[int, FeedbackMa
     }
 
 
+def _statistics_for(
+    peft_model: nn.Module,
+    batches: Optional[Iterable[dict[str, Any]]],
+    statistics: Optional[dict[int, BlockStatistics]],
+    adapter_name: str,
+    progress: bool,
+) -> dict[int, BlockStatistics]:
+    """`statistics` as given (checked against the adapter's blocks), or collected from `batches`."""
+    if (batches is None) == (statistics is None):
+        raise ValueError("Pass either `batches` (calibration data) or `statistics` (from `collect_block_statistics`).")
+    if statistics is None:
+        return collect_block_statistics(peft_model, batches, adapter_name=adapter_name, progress=progress)
+    missing = sorted(set(_down_maps(peft_model, adapter_name)) - set(statistics))
+    if missing:
+        raise ValueError(
+            f"The statistics cover blocks {sorted(statistics)} but adapter {adapter_name!r} has down-maps in blocks "
+            f"{missing} too; collect them with `collect_block_statistics` on a model with the same blocks."
+        )
+    return statistics
+
+
 def _total_error(down_maps: dict[int, FeedbackMap], statistics: dict[int, BlockStatistics]) -> float:
     with torch.no_grad():
-        return sum(statistics[i].reconstruction_error(down_maps[i].effective_weight()) for i in statistics)
+        return sum(
+            statistics[i].reconstruction_error(down_map.effective_weight()) for i, down_map in down_maps.items()
+        )
 
 
 def calibrate_feedback(
     peft_model: nn.Module,
-    batches: Iterable[dict[str, Any]],
+    batches: Optional[Iterable[dict[str, Any]]] = None,
     *,
+    statistics: Optional[dict[int, BlockStatistics]] = None,
     ridge: float = DEFAULT_RIDGE,
     adapter_name: Optional[str] = None,
     progress: bool = True,
@@ -274,17 +298,19 @@ def calibrate_feedback(
     Args:
         peft_model: a `PeftModel` with a TOAST adapter.
         batches: an iterable of model-input dicts, e.g. a `DataLoader`; `attention_mask` marks the real tokens.
+        statistics: instead of `batches`, statistics from `collect_block_statistics` (they depend only on the frozen
+            model and the data, so one pass can calibrate several adapters: full-rank, low-rank, lite).
         ridge: relative ridge `lambda / (trace(G) / d)`; it pulls undetermined directions towards the identity.
         adapter_name: the adapter to calibrate; default the active one.
         progress: show a progress bar.
     """
     start = time.perf_counter()
     adapter_name = adapter_name or peft_model.base_model.active_adapters[0]
-    statistics = collect_block_statistics(peft_model, batches, adapter_name=adapter_name, progress=progress)
+    statistics = _statistics_for(peft_model, batches, statistics, adapter_name, progress)
     down_maps = _down_maps(peft_model, adapter_name)
     loss_before = _total_error(down_maps, statistics)
-    for index, block_statistics in statistics.items():
-        _write_solution(down_maps[index], block_statistics, ridge)
+    for index, down_map in down_maps.items():
+        _write_solution(down_map, statistics[index], ridge)
     return CalibrationResult(
         loss_before=loss_before,
         loss_after=_total_error(down_maps, statistics),
@@ -295,15 +321,16 @@ def calibrate_feedback(
 
 def reconstruction_error(
     peft_model: nn.Module,
-    batches: Iterable[dict[str, Any]],
+    batches: Optional[Iterable[dict[str, Any]]] = None,
     *,
+    statistics: Optional[dict[int, BlockStatistics]] = None,
     adapter_name: Optional[str] = None,
     progress: bool = False,
 ) -> float:
     """The variational loss `sum_l MSE(A_l h_l_out, h_l_in)` of the current down-maps over the real tokens of `batches`
-    (hidden states of the frozen model), computed exactly from streamed statistics."""
+    (hidden states of the frozen model), computed exactly from streamed statistics (or from given `statistics`)."""
     adapter_name = adapter_name or peft_model.base_model.active_adapters[0]
-    statistics = collect_block_statistics(peft_model, batches, adapter_name=adapter_name, progress=progress)
+    statistics = _statistics_for(peft_model, batches, statistics, adapter_name, progress)
     return _total_error(_down_maps(peft_model, adapter_name), statistics)
 
 
@@ -336,7 +363,8 @@ def load_initialisation(
         fresh_readout: start from newly initialised readouts (`readout_init`, zero by default: the new task then starts
             exactly at the frozen model's function) instead of the saved ones.
         **config_overrides: `ToastConfig` fields to change, e.g. `train_down=False` to freeze the calibrated down-maps,
-            `lite_rank=4` to turn saved full-rank maps into TOAST-Lite's frozen maps, `layers_to_transform`.
+            `lite_rank=4` to turn saved full-rank maps into TOAST-Lite's frozen maps, `layers_to_transform`. The
+            saved `variational_loss_weight` of a pre-tuned adapter is reset to 0 unless given here.
 
     Returns:
         A `PeftModel` whose TOAST adapter trains.
@@ -345,7 +373,13 @@ def load_initialisation(
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
     saved_config = ToastConfig.from_pretrained(adapter_dir)
-    overrides = {"inference_mode": False, "auto_mapping": None, "base_model_name_or_path": None}
+    # A new task is transfer: no variational loss unless asked for (pre-tuning used it).
+    overrides = {
+        "inference_mode": False,
+        "auto_mapping": None,
+        "base_model_name_or_path": None,
+        "variational_loss_weight": 0.0,
+    }
     if new_head:
         overrides["modules_to_save"] = None
     config = dataclasses.replace(saved_config, **{**overrides, **config_overrides})

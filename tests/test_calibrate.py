@@ -124,6 +124,29 @@ def test_streaming_equals_one_batch():
         torch.testing.assert_close(weight, layer.toast_down["default"].weight, rtol=1e-5, atol=1e-6)
 
 
+def test_one_statistics_pass_calibrates_several_adapters():
+    base = make_vit()
+    batches = [make_inputs("vit", batch=4, seed=seed) for seed in range(2)]
+    full = get_peft_model(copy.deepcopy(base), ToastConfig())
+    statistics = collect_block_statistics(full, batches, progress=False)
+    for fields in ({}, {"feedback_rank": 2}, {"lite_rank": 2}):
+        from_statistics = get_peft_model(copy.deepcopy(base), ToastConfig(**fields))
+        from_batches = get_peft_model(copy.deepcopy(base), ToastConfig(**fields))
+        calibrate_feedback(from_statistics, statistics=statistics, progress=False)
+        calibrate_feedback(from_batches, batches, progress=False)
+        for a, b in zip(_maps(from_statistics).values(), _maps(from_batches).values()):
+            torch.testing.assert_close(a, b)
+        assert reconstruction_error(from_statistics, statistics=statistics) == pytest.approx(
+            reconstruction_error(from_batches, batches), rel=1e-6
+        )
+    with pytest.raises(ValueError, match="either `batches`"):
+        calibrate_feedback(full, batches, statistics=statistics)
+    top_only = get_peft_model(copy.deepcopy(base), ToastConfig(layers_to_transform=[-1]))
+    partial = collect_block_statistics(top_only, batches, progress=False)
+    with pytest.raises(ValueError, match="down-maps in blocks"):
+        calibrate_feedback(full, statistics=partial)
+
+
 def test_padding_tokens_are_excluded():
     """A right-padded batch gives the statistics of its sequences without their padding, whatever the padding holds."""
     base = make_llama()
@@ -318,7 +341,7 @@ def _maps(model) -> dict[tuple[int, str], torch.Tensor]:
 def calibrated_vit_backbone(tmp_path):
     """A calibrated (and then perturbed, so that every tensor is distinctive) adapter on a headless `ViTModel`."""
     backbone = make_vit(with_head=False)
-    model = get_peft_model(copy.deepcopy(backbone), ToastConfig())
+    model = get_peft_model(copy.deepcopy(backbone), ToastConfig(variational_loss_weight=0.1))
     calibrate_feedback(model, [make_inputs("vit", batch=4)], progress=False)
     with torch.no_grad():
         for layer in model.base_model._toast_layers("default"):
@@ -333,6 +356,7 @@ def test_load_initialisation_starts_a_new_head_from_a_backbone_adapter(calibrate
     new_task.vit.load_state_dict(backbone.state_dict(), strict=False)
     head_before = new_task.classifier.weight.detach().clone()
     model = load_initialisation(new_task, folder)
+    assert model.peft_config["default"].variational_loss_weight == 0.0  # transfer: pre-tuning's loss is off
 
     saved_maps, loaded_maps = _maps(saved), _maps(model)
     assert saved_maps.keys() == loaded_maps.keys()
