@@ -96,9 +96,9 @@ class ToastModel(BaseTuner):
         mismatch = dims_mismatch(peft_config.base_model_dims or {}, dims)
         if mismatch:
             warnings.warn(
-                f"This TOAST adapter was made for a different base model ({'; '.join(mismatch)}): tensors of the same "
-                f"hidden size load, but the adapter will not do what it was trained to do. Load it onto the model it "
-                f"was made for, or use `peft_toast.load_toast_adapter`, which refuses such a load."
+                f"This TOAST adapter was made for a different base model ({'; '.join(mismatch)}): even where its "
+                f"tensors fit, it will not do what it was trained to do. Load it onto the model it was made for, or "
+                f"load it with `peft_toast.load_toast_adapter`, which refuses such a load."
             )
         peft_config.base_model_dims = dims
         return peft_config
@@ -411,7 +411,10 @@ def _normalise_layers(layers: Optional[list[int]], num_blocks: int) -> set[int]:
         )
     selected = {index % num_blocks for index in layers}
     if len(selected) != len(layers):
-        raise ValueError(f"`layers_to_transform={layers}` names the same block twice (e.g. as i and i - {num_blocks}).")
+        raise ValueError(
+            f"`layers_to_transform={layers}` names the same block twice (e.g. as i and i - {num_blocks}). List each "
+            f"block once."
+        )
     return selected
 
 

@@ -70,6 +70,19 @@ def saved(tmp_path) -> Saved:
     return Saved(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ([7], r"lists blocks \[7\] but this model has 4 blocks \(valid indices: 0..3, or -4..-1 from the top\)"),
+        ([0, -4], r"names the same block twice \(e.g. as i and i - 4\). List each block once."),
+    ],
+    ids=["out-of-range", "same-block-twice"],
+)
+def test_layers_to_transform_that_the_model_does_not_have(layers, message):
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(make_vit(), ToastConfig(layers_to_transform=layers))
+
+
 # ------------------------------------------------------------------------------------- adapter onto another base
 
 
@@ -108,16 +121,55 @@ def test_adapter_without_recorded_dims_is_checked_by_its_tensor_shapes(saved, ch
         load_toast_adapter(make_vit(**changes), saved.path)
 
 
-def test_plain_peft_loading_onto_other_heads_warns(saved):
-    # Same hidden size and depth: every tensor fits, so only the recorded dims can tell.
-    with pytest.warns(
-        UserWarning, match=r"made for a different base model \(num_attention_heads 4 in the adapter vs 8"
-    ):
-        PeftModel.from_pretrained(make_vit(num_attention_heads=8), saved.path)
+@pytest.mark.parametrize(
+    "changes, mismatch",
+    [
+        ({"num_attention_heads": 8}, "num_attention_heads 4 in the adapter vs 8"),
+        ({"num_hidden_layers": 2}, "num_blocks 4"),
+    ],
+    ids=["heads", "shallower"],
+)
+def test_plain_peft_loading_onto_another_base_warns(saved, changes, mismatch):
+    # Every tensor fits (heads) or the extra ones are dropped (shallower): PEFT alone loads these without a word.
+    with pytest.warns(UserWarning, match=rf"made for a different base model \({mismatch}.*load_toast_adapter"):
+        PeftModel.from_pretrained(make_vit(**changes), saved.path)
 
 
 def test_helper_loads_the_right_base_exactly(saved):
     assert torch.equal(saved.logits_of(load_toast_adapter(saved.fresh_base(), saved.path)), saved.logits)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"feedback_rank": 2},
+        {"lite_rank": 2},
+        {"channel_selection": "low_rank", "channel_rank": 2},
+        {"channel_selection": "full", "layers_to_transform": [2, 3]},
+    ],
+    ids=lambda settings: ",".join(settings),
+)
+def test_helper_loads_every_adapter_layout_exactly(tmp_path, settings):
+    """The shape check derives what to expect from the tuner itself, so no valid layout is refused."""
+    base = make_llama()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, ToastConfig(task_type="CAUSAL_LM", **settings))
+    randomize_adapter(model)
+    model.save_pretrained(tmp_path)
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        assert torch.equal(load_toast_adapter(reference, tmp_path)(**inputs).logits, model(**inputs).logits)
+
+
+def test_helper_loads_a_named_adapter_from_a_subfolder(saved):
+    base = saved.fresh_base()
+    saved.model.add_adapter("other", ToastConfig())
+    randomize_adapter(saved.model, seed=3)
+    saved.model.set_adapter("other")
+    saved.model.save_pretrained(saved.path, selected_adapters=["other"])
+    loaded = load_toast_adapter(base, saved.path, adapter_name="other", subfolder="other")
+    assert loaded.active_adapters == ["other"]
+    assert torch.equal(saved.logits_of(loaded), saved.logits_of(saved.model))
 
 
 def test_helper_refuses_a_peft_model(saved):
