@@ -278,6 +278,20 @@ class ToastModel(BaseTuner):
         signals = feedback_chain(selected, down_maps, readouts)
         return {layer: signal for layer, signal in zip(layers, signals) if signal is not None}, gates
 
+    @torch.no_grad()
+    def toast_selection(self, *args, **kwargs) -> torch.Tensor:
+        """The token-selection gates `(B, N)` that the active adapter computes for these inputs: pass 1 and the
+        selection only, no pass 2 (for inspection, e.g. `peft_toast.visualize`). Takes the model's forward arguments."""
+        adapter_name = self._active_toast_adapter()
+        if adapter_name is None:
+            raise ValueError(
+                "There is no active TOAST adapter (adapters are disabled, or none is loaded), so there are no gates. "
+                "Call `toast_selection` outside `disable_adapter()`, after `set_adapter(name)`."
+            )
+        kwargs = {key: value for key, value in kwargs.items() if key not in _PASS2_ONLY_ARGUMENTS}
+        features = self.run_pass1(self.model, args, kwargs)  # (B, N, d)
+        return self.top_down_signals(adapter_name, features)[1]  # (B, N)
+
     def _toast_post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         state = current_state()
         if state is None or state.owner is not self:

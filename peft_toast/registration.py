@@ -44,7 +44,9 @@ def register() -> None:
 
     from .config import ToastConfig
     from .model import ToastModel
+    from .model_card import patch_peft_model
 
+    patch_peft_model()  # the model card of a TOAST adapter (idempotent)
     if PEFT_TYPE_TO_TUNER_MAPPING.get(TOAST_PEFT_TYPE) is ToastModel:
         return
     if TOAST_PEFT_TYPE in PEFT_TYPE_TO_TUNER_MAPPING:
