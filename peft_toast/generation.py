@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import types
 from typing import Optional
 
 from transformers.cache_utils import Cache, DynamicCache
@@ -19,7 +20,14 @@ from transformers.cache_utils import Cache, DynamicCache
 PASS1_CACHE_ATTR = "_toast_pass1_cache"
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
 # Cache methods that change which sequences/positions the cache holds; pass 1 must follow each of them.
-_MIRRORED_METHODS = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset")
+_MIRRORED_METHODS = (
+    "reorder_cache",
+    "crop",
+    "batch_repeat_interleave",
+    "batch_select_indices",
+    "reset",
+    "activate_past_recording",
+)
 
 
 def get_pass1_cache(main_cache: Cache) -> Optional[Cache]:
@@ -33,18 +41,24 @@ def attach_pass1_cache(main_cache: Cache, pass1_cache: Cache) -> None:
     setattr(main_cache, PASS1_CACHE_ATTR, pass1_cache)
     for name in _MIRRORED_METHODS:
         method = getattr(type(main_cache), name, None)
-        if method is None:
-            continue
+        if method is not None:
+            # A bound method, not a closure over `main_cache`: `copy.deepcopy` rebinds it to the copy (as when a prompt
+            # cache is copied for reuse), so the copy mirrors its own pass-1 cache instead of the original's.
+            setattr(main_cache, name, types.MethodType(_mirrored(method, name), main_cache))
 
-        @functools.wraps(method)
-        def mirrored(*args, _method=method, _name=name, **kwargs):
-            result = _method(main_cache, *args, **kwargs)
-            follower = get_pass1_cache(main_cache)
-            if follower is not None:
-                getattr(follower, _name)(*args, **kwargs)
-            return result
 
-        setattr(main_cache, name, mirrored)
+def _mirrored(method, name: str):
+    """`method` of the main cache, followed by the same call on its pass-1 cache."""
+
+    @functools.wraps(method)
+    def mirrored(main_cache: Cache, *args, **kwargs):
+        result = method(main_cache, *args, **kwargs)
+        follower = get_pass1_cache(main_cache)
+        if follower is not None:
+            getattr(follower, name)(*args, **kwargs)
+        return result
+
+    return mirrored
 
 
 def prepare_pass1_cache(model, kwargs: dict, cache_argument: str) -> tuple[str, Optional[Cache]]:
