@@ -32,7 +32,9 @@ def evaluation_split(splits: datasets.DatasetDict) -> datasets.Dataset:
     for name in ("test", "validation"):
         if name in splits:
             return splits[name]
-    raise ValueError(f"The dataset has splits {sorted(splits)}; it needs a 'test' or 'validation' split to evaluate on.")
+    raise ValueError(
+        f"The dataset has splits {sorted(splits)}; it needs a 'test' or 'validation' split to evaluate on."
+    )
 
 
 def subset(dataset: datasets.Dataset, size: Optional[int], seed: int) -> datasets.Dataset:
@@ -114,8 +116,10 @@ def encode_instruction(tokenizer, prompt: str, response: str, max_length: int) -
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     room = max_length - len(response_ids)
     if room < 1:
-        raise ValueError(f"max_length={max_length} leaves no room for the prompt; the response alone has "
-                         f"{len(response_ids)} tokens. Raise --max_length.")
+        raise ValueError(
+            f"max_length={max_length} leaves no room for the prompt; the response alone has "
+            f"{len(response_ids)} tokens. Raise --max_length."
+        )
     prompt_ids = prompt_ids[-room:]
     return {
         "input_ids": prompt_ids + response_ids,
@@ -162,5 +166,7 @@ def resolve_resume(resume_from_checkpoint: Optional[str], output_dir: str, marke
     if resume_from_checkpoint != "latest":
         return resume_from_checkpoint
     checkpoint = last_checkpoint(output_dir, marker)
-    print(f"Resuming from {checkpoint}." if checkpoint else f"No complete checkpoint in {output_dir}: starting afresh.")
+    print(
+        f"Resuming from {checkpoint}." if checkpoint else f"No complete checkpoint in {output_dir}: starting afresh."
+    )
     return checkpoint

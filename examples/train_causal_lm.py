@@ -17,6 +17,15 @@ import argparse
 import os
 
 import torch
+from common import (
+    TRAINER_CHECKPOINT_MARKER,
+    encode_instruction,
+    evaluation_split,
+    instruction_prompt,
+    load_dataset_splits,
+    resolve_resume,
+    subset,
+)
 from peft import get_peft_model
 from tqdm.auto import tqdm
 from transformers import (
@@ -28,15 +37,6 @@ from transformers import (
     set_seed,
 )
 
-from common import (
-    TRAINER_CHECKPOINT_MARKER,
-    encode_instruction,
-    evaluation_split,
-    instruction_prompt,
-    load_dataset_splits,
-    resolve_resume,
-    subset,
-)
 from peft_toast import ToastConfig
 from peft_toast.io import atomic_save_pretrained
 
@@ -45,10 +45,17 @@ INSTRUCTION = "Tweet: {text}\n\nIs the sentiment of this tweet {choices}? Answer
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="Hub id or local folder of a causal LM with its tokenizer "
-                        "(default: offline SmolLM2-135M-Instruct).")
-    parser.add_argument("--dataset", default=None, help="Hub dataset name or a save_to_disk folder with train and "
-                        "test/validation splits, a text column and a ClassLabel column (default: offline tweets).")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hub id or local folder of a causal LM with its tokenizer (default: offline SmolLM2-135M-Instruct).",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="Hub dataset name or a save_to_disk folder with train and "
+        "test/validation splits, a text column and a ClassLabel column (default: offline tweets).",
+    )
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--train_size", type=int, default=240, help="Training examples (a random subset).")
@@ -60,11 +67,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--save_steps", type=int, default=10, help="Write a checkpoint every this many steps.")
     parser.add_argument("--logging_steps", type=int, default=5)
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in the "
-                        "backward pass (non-reentrant) to save memory.")
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward pass (non-reentrant) to save memory.",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' for the last "
-                        "complete one in --output_dir (a fresh start if there is none).")
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="A checkpoint folder, or 'latest' for the last "
+        "complete one in --output_dir (a fresh start if there is none).",
+    )
     return parser.parse_args(argv)
 
 
@@ -88,7 +102,9 @@ def load_text_splits(args: argparse.Namespace):
 
 
 @torch.no_grad()
-def first_token_accuracy(model, tokenizer, prompts: list[str], labels: list[int], label_words: list[str], batch_size: int) -> float:
+def first_token_accuracy(
+    model, tokenizer, prompts: list[str], labels: list[int], label_words: list[str], batch_size: int
+) -> float:
     """How often the label word's first token has the highest logit, among the label words, right after the prompt."""
     word_ids = [tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in label_words]
     if len(set(word_ids)) != len(word_ids):
@@ -103,7 +119,9 @@ def first_token_accuracy(model, tokenizer, prompts: list[str], labels: list[int]
         ]
         lengths = torch.tensor([len(ids) for ids in encoded])
         # Right padding: every prompt starts at position 0, so its logits do not depend on the padding.
-        batch = tokenizer.pad({"input_ids": encoded}, padding=True, padding_side="right", return_tensors="pt").to(device)
+        batch = tokenizer.pad({"input_ids": encoded}, padding=True, padding_side="right", return_tensors="pt").to(
+            device
+        )
         logits = model(**batch).logits  # (B, T, vocab)
         last = logits[torch.arange(len(encoded)), lengths - 1][:, word_ids]  # (B, num_labels)
         correct += (last.argmax(-1).cpu() == torch.tensor(labels[start : start + batch_size])).sum().item()

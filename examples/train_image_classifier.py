@@ -16,20 +16,27 @@ import argparse
 import os
 
 import numpy as np
+from common import TRAINER_CHECKPOINT_MARKER, image_classification_splits, load_image_classifier, resolve_resume
 from peft import get_peft_model
 from transformers import AutoImageProcessor, Trainer, TrainingArguments, set_seed
 
-from common import TRAINER_CHECKPOINT_MARKER, image_classification_splits, load_image_classifier, resolve_resume
 from peft_toast import ToastConfig
 from peft_toast.io import atomic_save_pretrained
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="Hub id or local folder of an image model (default: offline "
-                        "DINOv2-small as a ViT at 112 px).")
-    parser.add_argument("--dataset", default=None, help="Hub dataset name or a save_to_disk folder with train and "
-                        "test/validation splits (default: offline Fashion-MNIST).")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hub id or local folder of an image model (default: offline DINOv2-small as a ViT at 112 px).",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="Hub dataset name or a save_to_disk folder with train and "
+        "test/validation splits (default: offline Fashion-MNIST).",
+    )
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--label_column", default="label", help="A datasets.ClassLabel column.")
     parser.add_argument("--train_size", type=int, default=960, help="Training examples (a random subset).")
@@ -41,8 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save_steps", type=int, default=20, help="Write a checkpoint every this many steps.")
     parser.add_argument("--logging_steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' for the last "
-                        "complete one in --output_dir (a fresh start if there is none).")
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="A checkpoint folder, or 'latest' for the last "
+        "complete one in --output_dir (a fresh start if there is none).",
+    )
     return parser.parse_args(argv)
 
 

@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import IMAGE, LAYERS, VOCAB, make_llama, make_vit, randomize_adapter
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-
-from conftest import IMAGE, LAYERS, VOCAB, make_llama, make_vit, randomize_adapter
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -131,15 +130,31 @@ def assert_same_adapter(expected_dir, actual_dir, atol: float = 0.0) -> float:
 
 def image_args(model_dir: str, dataset_dir: str, **overrides) -> list[str]:
     """Command-line arguments of `train_image_classifier.py`: 6 steps of batch 4, a checkpoint every 2 steps."""
-    options = {"model": model_dir, "dataset": dataset_dir, "max_steps": 6,
-               "batch_size": 4, "save_steps": 2, "logging_steps": 1, "eval_size": 8, **overrides}
+    options = {
+        "model": model_dir,
+        "dataset": dataset_dir,
+        "max_steps": 6,
+        "batch_size": 4,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "eval_size": 8,
+        **overrides,
+    }
     return [f"--{key}={value}" for key, value in options.items()]
 
 
 def text_args(model_dir: str, dataset_dir: str, **overrides) -> list[str]:
     """Command-line arguments of `train_causal_lm.py`: 6 steps of batch 4, a checkpoint every 2 steps."""
-    options = {"model": model_dir, "dataset": dataset_dir, "max_steps": 6,
-               "batch_size": 4, "save_steps": 2, "logging_steps": 1, "max_length": 32, **overrides}
+    options = {
+        "model": model_dir,
+        "dataset": dataset_dir,
+        "max_steps": 6,
+        "batch_size": 4,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "max_length": 32,
+        **overrides,
+    }
     return [f"--{key}={value}" for key, value in options.items()]
 
 
@@ -170,8 +185,12 @@ def test_image_classifier_resume_ends_at_the_uninterrupted_adapter(tmp_path, tin
     # 16 examples in batches of 4: step 2 is mid-epoch, and the run crosses into a second, reshuffled epoch.
     full = train_image_classifier.main(image_args(tiny_vit_dir, tiny_image_dataset_dir, output_dir=tmp_path / "full"))
     resumed = train_image_classifier.main(
-        image_args(tiny_vit_dir, tiny_image_dataset_dir, output_dir=tmp_path / "resumed",
-                   resume_from_checkpoint=tmp_path / "full" / "checkpoint-2")
+        image_args(
+            tiny_vit_dir,
+            tiny_image_dataset_dir,
+            output_dir=tmp_path / "resumed",
+            resume_from_checkpoint=tmp_path / "full" / "checkpoint-2",
+        )
     )
     assert_same_adapter(tmp_path / "full" / "adapter", tmp_path / "resumed" / "adapter", atol=1e-6)
     assert resumed["eval_accuracy"] == full["eval_accuracy"]
@@ -223,7 +242,9 @@ def test_loss_covers_the_responses_only():
     terms = []
     for row, (length, response_length) in enumerate(zip(lengths, response_lengths)):
         positions = torch.arange(length - 1 - response_length, length - 1)
-        terms.append(torch.nn.functional.cross_entropy(logits[row, positions], targets[row, positions], reduction="none"))
+        terms.append(
+            torch.nn.functional.cross_entropy(logits[row, positions], targets[row, positions], reduction="none")
+        )
     expected = torch.cat(terms).mean()
     torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-6)
     assert (batch["labels"] != -100).sum().item() == sum(response_lengths)
@@ -242,16 +263,25 @@ def test_causal_lm_resume_from_latest_skips_a_half_written_checkpoint(tmp_path, 
     crashed = tmp_path / "crashed"
     crashed.mkdir()
     shutil.copytree(full / "checkpoint-2", crashed / "checkpoint-2")
-    shutil.copytree(full / "checkpoint-4", crashed / "checkpoint-4", ignore=shutil.ignore_patterns("trainer_state.json"))
+    shutil.copytree(
+        full / "checkpoint-4", crashed / "checkpoint-4", ignore=shutil.ignore_patterns("trainer_state.json")
+    )
     assert common.last_checkpoint(str(crashed), common.TRAINER_CHECKPOINT_MARKER) == str(crashed / "checkpoint-2")
 
-    train_causal_lm.main(text_args(tiny_llama_dir, tiny_text_dataset_dir, output_dir=crashed, resume_from_checkpoint="latest"))
+    train_causal_lm.main(
+        text_args(tiny_llama_dir, tiny_text_dataset_dir, output_dir=crashed, resume_from_checkpoint="latest")
+    )
     assert_same_adapter(full / "adapter", crashed / "adapter", atol=1e-6)
 
 
 def test_last_checkpoint(tmp_path):
     assert common.last_checkpoint(str(tmp_path / "missing"), "state.json") is None
-    for name, marker in (("checkpoint-5", "x"), ("checkpoint-40", "x"), ("checkpoint-300", ""), ("tmp-checkpoint-900", "x")):
+    for name, marker in (
+        ("checkpoint-5", "x"),
+        ("checkpoint-40", "x"),
+        ("checkpoint-300", ""),
+        ("tmp-checkpoint-900", "x"),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "state.json").write_text(marker)
     (tmp_path / "checkpoint-1000").mkdir()
