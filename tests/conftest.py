@@ -14,6 +14,10 @@ import transformers  # noqa: E402
 
 import peft_toast  # noqa: E402,F401  (registers TOAST with PEFT)
 
+# Tiny models are dominated by thread start-up and synchronisation: on a 2-core machine two intra-op threads made the
+# suite 3-10x slower than one. Real-model tests can raise it with the `torch_threads` fixture.
+torch.set_num_threads(int(os.environ.get("PEFT_TOAST_TEST_THREADS", "1")))
+
 HIDDEN = 32
 VOCAB = 99
 IMAGE = 16
@@ -99,6 +103,15 @@ def randomize_adapter(model, std: float = 0.3, seed: int = 0) -> None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def torch_threads():
+    """Use every core for the duration of a (slow, real-model) test."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture
