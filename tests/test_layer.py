@@ -41,6 +41,7 @@ def test_linear_values_gain_exactly_w_v_t_with_the_bias_once():
 def test_gpt2_fused_c_attn_changes_only_the_value_third():
     c_attn = make_gpt2().transformer.h[0].attn.c_attn
     assert isinstance(c_attn, Conv1D)
+    nn.init.normal_(c_attn.bias)  # initialised to zero: a random bias shows whether it is added once
     layer = _wrap(c_attn, fused_qkv=True)
     assert layer.in_features == HIDDEN
     x, t = torch.randn(2, 5, HIDDEN), torch.randn(2, 5, HIDDEN)

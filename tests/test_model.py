@@ -40,7 +40,13 @@ def _config(kind: str, **kwargs) -> ToastConfig:
 def _base(kind: str):
     """A tiny random base model; every call builds the same weights (a fresh instance, as in a fresh process)."""
     torch.manual_seed(0)
-    return MODEL_FACTORIES[kind]()
+    model = MODEL_FACTORIES[kind]()
+    # transformers initialises biases to zero; random ones make a value bias added twice (a reference quirk) visible.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(std=0.1)
+    return model
 
 
 def _randomize(model, seed: int = 0) -> None:
