@@ -343,3 +343,37 @@ def test_bfloat16_generate(llama_lm):
     for step, scores in enumerate(output.scores):
         torch.testing.assert_close(scores.float(), full[:, start + step].float(), atol=0.15, rtol=0.05)
     assert_adapter_matters(model, output.sequences)
+
+
+# ----------------------------------------------------------------------------------- the real SmolLM2-135M
+
+
+def load_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_toast import assets
+
+    path = assets.smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    input_ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    return AutoModelForCausalLM.from_pretrained(path).eval(), input_ids
+
+
+@pytest.mark.slow
+def test_smollm2_cached_generation_is_exact():
+    """30 layers of a trained model, with small random readouts (the reference initialisation, std 0.02)."""
+    base, input_ids = load_smollm2()
+    base_tokens = greedy(base, input_ids, max_new_tokens=12)
+    model = get_peft_model(base, ToastConfig(task_type="CAUSAL_LM", readout_init="reference")).eval()
+    cached = greedy(model, input_ids, max_new_tokens=12)
+    assert torch.equal(cached, greedy(model, input_ids, max_new_tokens=12, use_cache=False))
+    assert not torch.equal(cached, base_tokens), "the random readouts should change SmolLM2's greedy tokens"
+
+
+@pytest.mark.slow
+def test_smollm2_default_adapter_generates_what_the_base_model_generates():
+    """A fresh default adapter (zero readouts) starts exactly at the base model."""
+    base, input_ids = load_smollm2()
+    base_tokens = greedy(base, input_ids, max_new_tokens=12)
+    model = get_peft_model(base, ToastConfig(task_type="CAUSAL_LM")).eval()
+    assert torch.equal(greedy(model, input_ids, max_new_tokens=12), base_tokens)
