@@ -190,8 +190,9 @@ def precompute_features(
     Returns `dataset` with three more columns — `toast_features` (`(N, d)` per example), `toast_feature_key` and
     `toast_input_hash` (see the module docstring) — in torch format, memory-mapped from an Arrow file in `cache_dir`.
     The file is named after the base model, the dataset's fingerprint, the input columns and `dtype`: calling this again
-    with the same arguments loads it instead of recomputing, and any change computes a new one. The size of the cache is
-    printed before the computation starts (`rows × N × d × bytes per value`), and it is refused if the disk lacks room.
+    with the same arguments loads it instead of recomputing, and any change computes a new one. Like every `Dataset.map`
+    result, the file holds the dataset's own columns too. Its size is printed before the computation starts (features:
+    `rows × N × d × bytes per value`), and the computation is refused if the disk lacks room.
 
     Train on the result with [`ToastFeatureCollator`] (Trainer: `TrainingArguments(remove_unused_columns=False)`).
 
@@ -278,16 +279,20 @@ def precompute_features(
         num_tokens, dim = probe.shape[1:]
         if not os.path.exists(cache_file):
             size = len(dataset) * num_tokens * dim * torch_dtype.itemsize
+            # The Arrow file also holds the dataset's own columns (the inputs), as every `Dataset.map` result does.
+            own_columns = dataset.data.nbytes * len(dataset) / max(dataset.data.num_rows, 1)
             free = shutil.disk_usage(cache_dir).free
             if verbose:
                 print(
                     f"TOAST feature cache: {len(dataset):,} examples x {num_tokens} tokens x {dim} channels x "
-                    f"{torch_dtype.itemsize} B ({dtype}) = {_human(size)} in {cache_file} ({_human(free)} free)"
+                    f"{torch_dtype.itemsize} B ({dtype}) = {_human(size)} of features, plus {_human(own_columns)} for "
+                    f"the dataset's own columns, in {cache_file} ({_human(free)} free)"
                 )
-            if size > free:
+            if size + own_columns > free:
                 raise OSError(
-                    f"The feature cache needs {_human(size)} but {cache_dir} has {_human(free)} free. Pass another "
-                    f"`cache_dir`, store `dtype='bfloat16'` (half the size) or cache a subset of the dataset."
+                    f"The feature cache needs {_human(size + own_columns)} but {cache_dir} has {_human(free)} free. "
+                    f"Pass another `cache_dir`, store `dtype='bfloat16'` (half the features' size) or cache a subset of "
+                    f"the dataset."
                 )
         features = datasets.Features(
             {
