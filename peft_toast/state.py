@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
