@@ -255,3 +255,14 @@ def test_a_card_without_a_title_gets_the_section_on_top(base_dir, tmp_path):
     assert ModelCard(card).data.license == "mit"
     body = card.split("---", 2)[2].lstrip()
     assert body.startswith(SECTION_START) and "Plain text." in body
+
+
+def test_trainer_model_card_keeps_the_toast_section(base_dir, tmp_path):
+    """`Trainer.push_to_hub` writes its training card over README.md, then lets PEFT update it: TOAST's section too."""
+    model = toast_model(base_dir)
+    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(tmp_path / "out", report_to=[]))
+    trainer.save_model()
+    trainer.create_model_card(model_name="toast-vit")
+    card = read_card(tmp_path / "out")
+    assert "toast-vit" in card and "Training procedure" in card  # the Trainer's card
+    assert card.count(SECTION_START) == 1 and "import peft_toast" in loading_code(card)
