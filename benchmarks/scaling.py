@@ -1,0 +1,209 @@
+"""Scaling: how TOAST's training step time and peak memory grow with image size, batch size and sequence length,
+next to LoRA's.
+
+Three sweeps, each changing one thing: the image side of DINOv2-S (56 / 112 / 168 px = 16 / 64 / 144 patches, batch
+16), the batch size at 112 px (8 / 16 / 32), and the sequence length of SmolLM2-135M as a causal LM (64 / 128 / 256
+tokens, batch 4). For every point, TOAST and LoRA are timed side by side in one process (interleaved rounds, median
+after warm-up) and each one's peak training memory is measured in a fresh process (see `benchmarks/cost.py`).
+
+    python benchmarks/scaling.py --quick
+    python benchmarks/scaling.py --output scaling.json    # updates docs/benchmarks.md and docs/img/scaling.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
+from tqdm.auto import tqdm
+
+METHODS = ("toast", "lora")
+
+# name -> (family, the value that changes, fixed batch size or None if the batch size is what changes, fixed size)
+SWEEPS = {
+    "full": {
+        "image size (px)": ("vision", (56, 112, 168), 16, None),
+        "batch size (112 px)": ("vision", (8, 16, 32), None, 112),
+        "sequence length (tokens)": ("text", (64, 128, 256), 4, None),
+    },
+    "quick": {
+        "image size (px)": ("vision", (56, 112), 4, None),
+        "batch size (112 px)": ("vision", (4, 8), None, 112),
+        "sequence length (tokens)": ("text", (32, 64), 2, None),
+    },
+    "tiny": {
+        "image size (px)": ("vision", (14, 28), 2, None),
+        "batch size (28 px)": ("vision", (2, 4), None, 28),
+        "sequence length (tokens)": ("text", (8, 16), 2, None),
+    },
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_arguments(parser)
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="Timed rounds per point (default 5; 3 with --quick)."
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds first (default 1).")
+    parser.add_argument("--no-memory", action="store_true", help="Skip the peak-memory measurements.")
+    parser.add_argument(
+        "--from-json", type=Path, help="Regenerate the docs table and plot from this results file only."
+    )
+    return parser.parse_args(argv)
+
+
+def measure_point(args, family: str, batch_size: int, size: int) -> dict:
+    """TOAST and LoRA at one shape: interleaved step timings in this process, peak memory in fresh processes."""
+    specs = {
+        method: common.CostSpec(
+            family=family,
+            method=method,
+            batch_size=batch_size,
+            size=size,
+            model=args.vision_model if family == "vision" else args.text_model,
+            tiny=args.tiny,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            threads=args.threads,
+        )
+        for method in METHODS
+    }
+    workloads = {}
+    for method, spec in specs.items():
+        model, batch = common.build_cost_model(spec)
+        workloads[method] = common.train_step_fn(model, batch)
+    timings = common.interleaved_timings(
+        workloads, repeats=args.repeats, warmup=args.warmup, desc=f"{family} batch {batch_size} size {size}"
+    )
+    del workloads
+    point = {"batch_size": batch_size, "size": size, "load_average": common.os.getloadavg()[0]}
+    for method, spec in specs.items():
+        point[method] = {"seconds": timings[method], "median_seconds": common.median(timings[method])}
+        if not args.no_memory:
+            point[method].update(common.measure_peak_memory(dataclasses.replace(spec, warmup=0, repeats=2)))
+    return point
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        write_docs(results)
+        return results
+    common.setup(args)
+    if args.repeats is None:
+        args.repeats = 3 if (args.quick or args.tiny) else 5
+    sweeps = SWEEPS["tiny" if args.tiny else "quick" if args.quick else "full"]
+    results = {
+        "benchmark": "scaling",
+        "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": common.machine_info(),
+        "settings": {"repeats": args.repeats, "warmup": args.warmup, "tiny": args.tiny, "quick": args.quick},
+        "sweeps": {},
+    }
+    start = time.perf_counter()
+    total = sum(len(values) for _, values, _, _ in sweeps.values())
+    with tqdm(total=total, desc="scaling points") as progress:
+        for name, (family, values, batch_size, size) in sweeps.items():
+            points = results["sweeps"][name] = {"family": family, "points": []}
+            for value in values:
+                shape = (batch_size, value) if batch_size is not None else (value, size)
+                points["points"].append({"value": value, **measure_point(args, family, *shape)})
+                progress.update()
+                if args.output:
+                    common.write_json(args.output, results)
+    results["seconds"] = time.perf_counter() - start
+    results["machine"]["load_average_end"] = common.os.getloadavg()
+    if args.output:
+        common.write_json(args.output, results)
+    print(table(results))
+    if common.updates_docs(args):
+        write_docs(results)
+    return results
+
+
+def table(results: dict) -> str:
+    rows = []
+    for name, sweep in results["sweeps"].items():
+        for point in sweep["points"]:
+            toast, lora = point["toast"], point["lora"]
+            memory = ("–", "–", "–")
+            if "peak_mib" in toast:
+                memory = (
+                    f"{toast['added_mib']:.0f} / {lora['added_mib']:.0f}",
+                    f"{toast['peak_mib']:.0f} / {lora['peak_mib']:.0f}",
+                    f"{toast['peak_mib'] / lora['peak_mib']:.2f}×",
+                )
+            rows.append(
+                (
+                    name,
+                    point["value"],
+                    f"{toast['median_seconds']:.3f} / {lora['median_seconds']:.3f}",
+                    f"{toast['median_seconds'] / lora['median_seconds']:.2f}×",
+                    *memory,
+                )
+            )
+    headers = (
+        "sweep",
+        "value",
+        "step s, TOAST / LoRA",
+        "time ratio",
+        "added MiB, TOAST / LoRA",
+        "peak MiB, TOAST / LoRA",
+        "peak ratio",
+    )
+    return common.markdown_table(headers, rows)
+
+
+def write_docs(results: dict) -> None:
+    caption = (
+        f"{results['machine']['cpu_count']}-core CPU, shared, fp32, {results['machine']['torch_threads']} threads; "
+        f"median of {results['settings']['repeats']} interleaved steps after {results['settings']['warmup']} "
+        f"warm-up; load average {results['machine']['load_average'][0]:.1f} at the start, "
+        f"{results['machine']['load_average_end'][0]:.1f} at the end. Run {results['started']}."
+    )
+    common.update_docs_section("scaling", f"{caption}\n\n{table(results)}\n\n![scaling](img/scaling.png)")
+    plot(results)
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps = results["sweeps"]
+    figure, axes = plt.subplots(2, len(sweeps), figsize=(4.2 * len(sweeps), 6.4), squeeze=False)
+    for column, (name, sweep) in enumerate(sweeps.items()):
+        values = [point["value"] for point in sweep["points"]]
+        for method, color in (("toast", "tab:red"), ("lora", "tab:gray")):
+            label = common.METHOD_LABELS[method]
+            seconds = [point[method]["median_seconds"] for point in sweep["points"]]
+            added = [point[method]["added_mib"] for point in sweep["points"]]
+            axes[0][column].plot(values, seconds, "o-", color=color, label=label)
+            axes[1][column].plot(values, added, "o-", color=color, label=label)
+        model = "DINOv2-S" if sweep["family"] == "vision" else "SmolLM2-135M"
+        axes[0][column].set_title(f"{model}: {name}", fontsize=9)
+        axes[0][column].set_ylabel("train step (s)")
+        axes[1][column].set_ylabel("memory added by training (MiB)")
+        axes[1][column].set_xlabel(name)
+        for axis in axes[:, column]:
+            axis.set_xticks(values)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+    figure.suptitle("TOAST vs LoRA: training step time and memory (2-core CPU, shared, fp32)", fontsize=9)
+    figure.tight_layout()
+    common.save_figure(figure, "scaling.png")
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()

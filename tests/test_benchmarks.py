@@ -1,0 +1,217 @@
+"""Smoke and correctness tests of the benchmark programs in `benchmarks/`, on tiny random models (`--tiny`).
+
+Each benchmark's `--quick --tiny` path runs end to end and writes the JSON its docs are made from; the pieces whose
+mistakes would silently skew the numbers are checked exactly: trainable-parameter counts, the cached-feature linear
+probe, the head learning rate, the interleaved timing rounds and the peak-memory measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import common  # noqa: E402
+import cost  # noqa: E402
+import quality  # noqa: E402
+import scaling  # noqa: E402
+
+# The tiny models of `common`: hidden size 32, 2 blocks, LoRA/TOAST rank 8.
+D, L, R = 32, 2, 8
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quality_tiny_quick_writes_complete_results(tmp_path):
+    output = tmp_path / "quality.json"
+    quality.main(["--tiny", "--quick", "--output", str(output), "--threads", "1"])
+    results = json.loads(output.read_text())
+
+    assert set(results["tasks"]) == {"vision", "text"}
+    for name, task in results["tasks"].items():
+        assert set(task["methods"]) == set(common.METHODS)
+        head = D * task_labels(name) + (task_labels(name) if name == "vision" else 0)  # LLaMA's `score` has no bias
+        expected = {
+            "toast": L * 2 * D * D + D + head,  # A_l, C_l (d x d) per block, the prompt, the head
+            "toast-r8": L * 2 * 2 * D * R + D + head,  # A_l = I + U V and C_l = U' V' (rank 8)
+            # LoRA A (r x d) and B (d_out x r) on q (d_out = d) and v (d_out = d, or 16 with LLaMA's 2 key-value heads)
+            "lora": L * (2 * D * R + R * D + R * (D if name == "vision" else 16)) + head,
+            "linear": head,
+        }
+        for method, record in task["methods"].items():
+            if method in expected:
+                assert record["trainable_parameters"] == expected[method], (name, method)
+            assert len(record["runs"]) == 2  # --quick: seeds 0 and 1 at the (single) learning rate
+            assert [run["seed"] for run in record["runs"]] == [0, 1]
+            assert record["runs"][0] is not None and record["runs"][0]["lr"] == record["best_lr"]
+            assert [run["lr"] for run in record["sweep"]] == [quality.LEARNING_RATES[method][1]]
+            assert 0.0 <= record["sweep"][0]["val_accuracy"] <= 1.0
+            for run in record["runs"]:
+                assert 0.0 <= run["test_accuracy"] <= 1.0
+                assert math.isfinite(run["first_loss"]) and math.isfinite(run["final_loss"])
+            accuracies = [run["test_accuracy"] for run in record["runs"]]
+            assert record["test_accuracy_mean"] == pytest.approx(sum(accuracies) / 2)
+        # the linear probe's best learning rate is every other method's head learning rate
+        assert task["head_lr"] == task["methods"]["linear"]["best_lr"]
+        assert all(
+            run["head_lr"] == task["head_lr"] for m in ("toast", "lora", "full") for run in task["methods"][m]["runs"]
+        )
+        assert task["methods"]["full"]["trainable_parameters"] > task["methods"]["toast"]["trainable_parameters"]
+
+
+def task_labels(name: str) -> int:
+    return 4 if name == "vision" else 2
+
+
+@pytest.mark.parametrize("name", ["vision", "text"])
+def test_linear_probe_on_cached_features_equals_the_frozen_models_head(name):
+    """Training the cached-feature probe is training the head of the frozen model: same logits for the same head."""
+    sizes = {"train": 6, "val": 5, "test": 5}
+    task = common.vision_task(sizes=sizes, tiny=True) if name == "vision" else common.text_task(sizes=sizes, tiny=True)
+    model = task.new_model().eval()
+    split = task.splits["val"]
+    probe = common.LinearProbe(common.model_head(model))
+    with torch.no_grad():
+        batch = split.batch(range(len(split)))
+        expected = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+        torch.testing.assert_close(probe(common.head_inputs(model, split)).logits, expected)
+    if name == "text":  # texts of different lengths: the padded ones must use their last real token
+        assert len({len(ids) for ids in split.input_ids}) > 1
+    cached = task.probe_splits()
+    assert cached is task.probe_splits()  # computed once
+    assert {key: len(value) for key, value in cached.items()} == sizes
+    assert all(torch.equal(cached[key].labels, task.splits[key].labels) for key in sizes)
+
+
+def test_head_parameters_get_the_head_learning_rate():
+    model = common.apply_method(common.load_image_classifier(None, 4, image_size=28, tiny=True), "lora")
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    heads = [name for name in names if common.is_head_parameter(name)]
+    assert heads and all("classifier" in name for name in heads)
+    assert all("lora_" in name for name in names if name not in heads)
+
+    optimizers = []
+    original = torch.optim.AdamW
+
+    def recording_adamw(*args, **kwargs):
+        optimizers.append(original(*args, **kwargs))
+        return optimizers[-1]
+
+    task = common.vision_task(sizes={"train": 8, "val": 4, "test": 4}, tiny=True)
+    torch.optim.AdamW = recording_adamw
+    try:
+        common.train(model, task.splits["train"], steps=1, batch_size=4, lr=1e-3, head_lr=5e-2, seed=0)
+    finally:
+        torch.optim.AdamW = original
+    (optimizer,) = optimizers
+    head_ids = {id(p) for name, p in model.named_parameters() if name in heads}
+    for group in optimizer.param_groups:
+        in_head = {id(p) in head_ids for p in group["params"]}
+        assert len(in_head) == 1
+        assert group["initial_lr"] == (5e-2 if in_head.pop() else 1e-3)
+
+
+def test_batch_order_is_seeded_and_covers_each_epoch():
+    first, again = common.batch_order(10, 5, 4, seed=3), common.batch_order(10, 5, 4, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert [len(batch) for batch in first] == [4] * 5
+    flat = torch.cat(first)
+    assert sorted(flat[:10].tolist()) == list(range(10))  # the first epoch is a permutation
+    assert not all(torch.equal(a, b) for a, b in zip(first, common.batch_order(10, 5, 4, seed=4)))
+
+
+def test_interleaved_timings_run_every_workload_each_round():
+    calls = []
+    timings = common.interleaved_timings(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=2
+    )
+    assert calls == ["a", "b"] * 5
+    assert {name: len(times) for name, times in timings.items()} == {"a": 3, "b": 3}
+    assert common.median([3.0, 1.0, 2.0]) == 2.0 and common.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+
+
+def test_peak_rss_reset_sees_a_transient_allocation():
+    """The CPU memory measurement: after the reset, the high-water mark includes a freed 256 MiB allocation."""
+    before = common._rss_kib("VmRSS")
+    common._reset_peak_rss()
+    assert common._rss_kib("VmHWM") <= before + 4 * 1024
+    block = torch.ones(64 * 2**20)  # 256 MiB, touched
+    del block
+    added_mib = (common._rss_kib("VmHWM") - before) / 1024
+    assert 240 <= added_mib <= 300
+
+
+def test_cost_tiny_quick_reports_times_and_ratios(tmp_path):
+    output = tmp_path / "cost.json"
+    cost.main(["--tiny", "--quick", "--no-memory", "--output", str(output), "--threads", "1"])
+    results = json.loads(output.read_text())
+    assert set(results["families"]) == {"vision", "text"}
+    for name, family in results["families"].items():
+        kinds = family["kinds"]
+        assert set(kinds) == ({"train", "forward", "generate"} if name == "text" else {"train", "forward"})
+        assert set(kinds["train"]["median_seconds"]) == set(cost.TRAIN_METHODS)
+        assert set(kinds["forward"]["median_seconds"]) == set(cost.INFERENCE_METHODS)
+        for entry in kinds.values():
+            for method, times in entry["seconds"].items():
+                assert len(times) == results["settings"]["repeats"]
+                assert entry["median_seconds"][method] == common.median(times)
+        ratios = family["ratios"]
+        assert ratios["train_time_vs_lora"] == pytest.approx(
+            kinds["train"]["median_seconds"]["toast"] / kinds["train"]["median_seconds"]["lora"]
+        )
+        assert all(_finite_positive(value) for value in ratios.values())
+        assert family["trainable_parameters"]["toast"] > family["trainable_parameters"]["lora"]
+    generate = results["families"]["text"]["kinds"]["generate"]
+    assert generate["tokens_per_second"]["base"] == pytest.approx(
+        generate["shape"]["new_tokens"] / generate["median_seconds"]["base"]
+    )
+    assert "train_memory_vs_lora" not in results["families"]["text"]["ratios"]
+
+
+def test_scaling_tiny_quick_measures_every_point(tmp_path):
+    output = tmp_path / "scaling.json"
+    scaling.main(["--tiny", "--quick", "--no-memory", "--output", str(output), "--threads", "1"])
+    results = json.loads(output.read_text())
+    assert list(results["sweeps"]) == list(scaling.SWEEPS["tiny"])
+    for name, sweep in results["sweeps"].items():
+        assert [point["value"] for point in sweep["points"]] == list(scaling.SWEEPS["tiny"][name][1])
+        for point in sweep["points"]:
+            for method in scaling.METHODS:
+                assert _finite_positive(point[method]["median_seconds"])
+                assert len(point[method]["seconds"]) == results["settings"]["repeats"]
+    assert "|" in scaling.table(results)
+
+
+@pytest.mark.slow
+def test_cost_measures_peak_memory_in_fresh_processes(tmp_path):
+    output = tmp_path / "cost.json"
+    command = [sys.executable, str(BENCHMARKS / "cost.py"), "--tiny", "--quick", "--families", "text"]
+    subprocess.run([*command, "--output", str(output), "--threads", "1"], check=True, capture_output=True, timeout=900)
+    family = json.loads(output.read_text())["families"]["text"]
+    memory = family["train_memory_mib"]
+    assert set(memory) == set(cost.TRAIN_METHODS)
+    for record in memory.values():
+        assert record["model_mib"] > 0 and record["added_mib"] >= 0
+        assert record["peak_mib"] == pytest.approx(record["model_mib"] + record["added_mib"])
+    assert family["ratios"]["train_memory_vs_lora"] == pytest.approx(
+        memory["toast"]["peak_mib"] / memory["lora"]["peak_mib"]
+    )
+
+
+def test_docs_sections_are_replaced_between_their_markers(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- BEGIN table -->\nold\n<!-- END table -->\noutro\n")
+    common.update_docs_section("table", "| new |", path=page)
+    assert page.read_text() == "intro\n<!-- BEGIN table -->\n| new |\n<!-- END table -->\noutro\n"
+    with pytest.raises(ValueError, match="BEGIN other"):
+        common.update_docs_section("other", "x", path=page)
