@@ -116,6 +116,8 @@ def card_section(model: PeftModel, adapter_id: Optional[str] = None) -> str:
     base_cls = type(model.get_base_model()).__name__
     if base_id:
         base_line = f"`{base_id}` (`{base_cls}`)"
+        if os.path.isabs(base_id):
+            base_line += "; a local folder, so name the same model's Hub id here when you share the adapter"
     else:
         base_line = f"a `{base_cls}` built from its config (no Hub id or folder is recorded; fill it in)"
     lines = [
@@ -146,7 +148,7 @@ def card_section(model: PeftModel, adapter_id: Optional[str] = None) -> str:
         head = f", of which {counts['head']:,} in the task head ({', '.join(config.modules_to_save)})" if counts["head"] else ""
         lines += [
             "",
-            "### Settings" if len(names) == 1 else f"### Adapter `{name}` (in the subfolder `{name}`)",
+            "### Settings" if len(names) == 1 else f"### Adapter `{name}` ({_location(name)})",
             "",
             f"- **Parameters:** {counts['trainable']:,} trainable, {counts['stored']:,} stored{head}.",
             f"- **Task type:** `{config.task_type}`",
@@ -161,6 +163,11 @@ def card_section(model: PeftModel, adapter_id: Optional[str] = None) -> str:
             lines.append(f"| `{field.name}` | `{getattr(config, field.name)!r}` | {meaning} |")
     lines.append(SECTION_END)
     return "\n".join(lines)
+
+
+def _location(adapter_name: str) -> str:
+    """Where `save_pretrained` puts an adapter's files: the "default" adapter at the top, the others in subfolders."""
+    return "at the top level" if adapter_name == "default" else f"in the subfolder `{adapter_name}`"
 
 
 def update_model_card(model: PeftModel, output_dir: str, adapter_id: Optional[str] = None) -> None:

@@ -295,6 +295,7 @@ def plot_text_attention(
     import matplotlib.pyplot as plt
 
     n = len(tokens)
+    labels = [token.replace("Ġ", "_").replace("▁", "_") for token in tokens]  # BPE / SentencePiece word starts
     frozen, toast, gates = comparison.frozen[row, :n], comparison.toast[row, :n], comparison.gates[row, :n]
     change = (toast - frozen).numpy()
     x = np.arange(n)
@@ -310,7 +311,7 @@ def plot_text_attention(
     query = int(comparison.query_index[row])
     entropy = attention_entropy(torch.stack([frozen, toast]))
     middle.set_title(
-        f"Last block: attention of token {query} ({tokens[query] if query < n else '?'}), mean over heads\n"
+        f"Last block: attention of token {query} ({labels[query] if query < n else '?'}), mean over heads\n"
         f"entropy {entropy[0]:.2f} nats (frozen) -> {entropy[1]:.2f} nats (TOAST)",
         fontsize=9,
     )
@@ -319,7 +320,7 @@ def plot_text_attention(
     bottom.axhline(0, color="black", linewidth=0.6)
     bottom.set_ylabel("TOAST - frozen")
     bottom.set_title("Change of the attention to each token", fontsize=9)
-    bottom.set_xticks(x, [token.replace("Ġ", "_").replace("▁", "_") for token in tokens], rotation=60, fontsize=8)
+    bottom.set_xticks(x, labels, rotation=60, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=110)
     plt.close(figure)

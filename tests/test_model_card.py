@@ -72,7 +72,7 @@ def test_save_pretrained_writes_a_toast_card(base_dir, tmp_path):
     assert {"toast", "peft-toast"} <= set(metadata.tags)
     assert card.count(SECTION_START) == 1 and card.count(SECTION_END) == 1
     assert "## TOAST adapter" in card
-    assert f"**Base model:** `{base_dir}` (`ViTForImageClassification`)" in card
+    assert f"**Base model:** `{base_dir}` (`ViTForImageClassification`); a local folder" in card
     assert "import peft_toast" in loading_code(card)
     config = model.peft_config["default"]
     for name in TOAST_FIELDS:  # every TOAST setting, with its value
@@ -105,6 +105,7 @@ def test_card_of_several_adapters_loads_each_from_its_subfolder(base_dir, tmp_pa
         expected[name] = logits(model)
     model.save_pretrained(tmp_path / "adapter")
     card = read_card(tmp_path / "adapter")
+    assert "### Adapter `default` (at the top level)" in card
     assert "### Adapter `other` (in the subfolder `other`)" in card
     namespace = {}
     exec(loading_code(card).replace(ADAPTER_PLACEHOLDER, str(tmp_path / "adapter")), namespace)

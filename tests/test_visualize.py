@@ -139,3 +139,27 @@ def test_figures_are_written(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         height, width = matplotlib.image.imread(tmp_path / name).shape[:2]
         assert width >= min_width and height > 0
+
+
+@pytest.mark.slow  # the real DINOv2-S and Fashion-MNIST
+def test_example_trains_saves_and_visualises_from_the_saved_folder(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import visualize_attention
+
+    results = visualize_attention.main(
+        ["--train_steps", "2", "--train_size", "32", "--batch_size", "8", "--eval_size", "8", "--num_figure", "2",
+         "--output_dir", str(tmp_path)]
+    )
+    assert results["adapter"] == str(tmp_path / "adapter")
+    assert "## TOAST adapter" in (tmp_path / "adapter" / "README.md").read_text()
+    assert json.loads((tmp_path / "attention_vit.json").read_text()) == results
+    assert (tmp_path / "attention_vit.png").read_bytes()[:4] == b"\x89PNG"
+    assert results["images"] == 8 and results["patches"] == 64
+    for name in ("entropy_frozen", "entropy_toast"):
+        assert 0 < results[name] <= math.log(64)
+    for name in ("mass_on_object_frozen", "mass_on_object_toast", "object_share_of_patches"):
+        assert 0 < results[name] < 1
