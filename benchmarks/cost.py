@@ -160,19 +160,57 @@ def ratios(result: dict) -> dict:
 
 
 def profile_family(args, family: str) -> None:
-    """Print where one TOAST training step and one TOAST forward spend their time (torch.profiler, CPU op self time)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Print where one TOAST training step and one TOAST forward spend their time: per phase (pass 1, the top-down
+    signals, the rest of the forward, backward, optimizer) and per operator (torch.profiler, self time)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     model, batch = common.build_cost_model(spec_for(args, family, "toast", "train"))
-    for kind in ("train", "forward"):
-        workload = common.workload_fn(model, batch, spec_for(args, family, "toast", kind))
+    tuner = model.base_model
+    for name in ("run_pass1", "top_down_signals"):  # label the two TOAST-specific phases in the trace
+        method = getattr(tuner, name)
+        setattr(tuner, name, _labelled(method, f"toast.{name}", record_function))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+
+    def train_step() -> None:
+        model.train()
+        with record_function("phase.forward"):
+            loss = model(**batch).loss
+        with record_function("phase.backward"):
+            loss.backward()
+        with record_function("phase.optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def forward() -> None:
+        model.eval()
+        with record_function("phase.forward"):
+            model(**inputs)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    sort_by = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+    for kind, workload in (("train step", train_step), ("forward", forward)):
         workload()  # warm-up
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
         with profile(activities=activities) as profiler:
             workload()
-        sort_by = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
-        print(f"\n{family} TOAST {kind} (one call):")
-        print(profiler.key_averages().table(sort_by=sort_by, row_limit=15))
+        events = profiler.key_averages()
+        phases = {
+            event.key: event.cpu_time_total / 1e3 for event in events if event.key.startswith(("phase.", "toast."))
+        }
+        print(f"\n{family} TOAST {kind}: time per phase (ms, inclusive; toast.* run inside phase.forward)")
+        for key, milliseconds in sorted(phases.items()):
+            print(f"  {key:<28}{milliseconds:10.1f}")
+        print(events.table(sort_by=sort_by, row_limit=15))
+
+
+def _labelled(method, label: str, record_function):
+    def labelled(*args, **kwargs):
+        with record_function(label):
+            return method(*args, **kwargs)
+
+    return labelled
 
 
 def main(argv=None) -> dict:
