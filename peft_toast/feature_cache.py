@@ -68,6 +68,10 @@ _STORAGE = {
     "float16": (torch.float16, "float16"),
     "bfloat16": (torch.bfloat16, "int16"),
 }
+_FIXED_SHAPE = (
+    "The feature cache needs model inputs of one fixed shape (images of one size, text padded to one length with "
+    "`padding='max_length'`): the cached features of a batch are stacked, not padded."
+)
 # Configuration entries that do not change pass 1 in eval mode: the head, runtime switches, the checkpoint's origin.
 # Dropout probabilities matter only in training mode, where the model refuses cached features if any is non-zero.
 _CONFIG_KEYS_IGNORED = {
@@ -249,14 +253,22 @@ def precompute_features(
     extra_kwargs = {"use_cache": False} if tuner._toast_architecture.causal else {}
     device = next(hf_model.parameters()).device
 
+    feature_shapes = []  # (N, d) of the first example: every example must have it, as the Arrow column is fixed-shape
+
     def compute(batch: dict) -> dict:
         num_rows = len(batch[input_columns[0]])
-        inputs = collate([{name: batch[name][i] for name in input_columns} for i in range(num_rows)])
+        try:
+            inputs = collate([{name: batch[name][i] for name in input_columns} for i in range(num_rows)])
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(f"{_FIXED_SHAPE} Collating a batch failed: {error}") from error
         hashes = [_input_hash(inputs, i, input_columns) for i in range(num_rows)]
         model_inputs = {
             name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()
         }
         features = tuner.run_pass1(hf_model, (), {**model_inputs, **extra_kwargs})  # (B, N, d)
+        feature_shapes.append(tuple(features.shape[1:]))
+        if feature_shapes[-1] != feature_shapes[0]:
+            raise ValueError(f"{_FIXED_SHAPE} Features of shape {feature_shapes[0]} and {feature_shapes[-1]} occur.")
         stored = features.to(torch_dtype).cpu()
         if dtype == "bfloat16":
             stored = stored.view(torch.int16)

@@ -365,6 +365,17 @@ def test_decoder_refuses_cached_features_for_generation():
     torch.testing.assert_close(output.logits, model(**inputs, use_cache=False).logits, rtol=0, atol=0)
 
 
+def test_refuses_inputs_of_varying_shape(tmp_path):
+    model = toast(make_bert(**NO_DROPOUT))
+    ragged = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [5, 6], [8, 9, 10, 11]], "label": [0, 1, 0]})
+    with pytest.raises(ValueError, match="one fixed shape"):
+        precompute_features(model, ragged, cache_dir=tmp_path, batch_size=2, verbose=False)
+    with pytest.raises(
+        ValueError, match="one fixed shape"
+    ):  # each batch stacks, but the shapes differ between batches
+        precompute_features(model, ragged, cache_dir=tmp_path, batch_size=1, verbose=False)
+
+
 def test_collator_keeps_only_what_the_model_takes(tmp_path):
     model = toast(make_vit())
     dataset = image_dataset().add_column("caption", [f"image {i}" for i in range(ROWS)])
