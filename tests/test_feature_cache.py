@@ -383,3 +383,29 @@ def test_collator_keeps_only_what_the_model_takes(tmp_path):
     batch = ToastFeatureCollator(model)([cached[i] for i in range(4)])
     assert set(batch) == {"pixel_values", "labels", FEATURES_COLUMN}
     assert INPUT_HASH_COLUMN in cached.column_names and "caption" in cached.column_names
+
+
+@pytest.mark.slow
+def test_benchmark_tiny_run_writes_consistent_results(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import feature_cache as benchmark
+
+    output = tmp_path / "feature_cache.json"
+    benchmark.main(["--tiny", "--threads", "1", "--train-size", "64", "--output", str(output)])
+    results = json.loads(output.read_text())
+    configs = results["configs"]
+    assert list(configs) == ["toast", "toast-cached", "toast-r8-cached", "lora"]
+    d, blocks, head = 32, 2, 32 * 10 + 10  # the tiny ViT of benchmarks/common.py, 10 classes
+    assert configs["toast"]["trainable_parameters"] == blocks * 2 * d * d + d + head  # A_l, C_l, prompt, head
+    assert configs["toast-r8-cached"]["trainable_parameters"] == blocks * 2 * 2 * d * 8 + d + head
+    # Skipping pass 1 removes exactly its forward: the cached step has fewer FLOPs than the uncached one.
+    assert configs["toast-cached"]["gflops_per_step"] < configs["toast"]["gflops_per_step"]
+    assert all(len(config["step_seconds"]) == results["repeats"] == 5 for config in configs.values())
+    cache = results["cache"]
+    assert (cache["tokens"], cache["channels"]) == (17, d)  # 28 px images, 7 px patches: 16 + CLS
+    assert cache["bytes_per_example"] > 17 * d * 4  # the features, plus the dataset's own columns
+    assert results["break_even_epochs"] > 0
