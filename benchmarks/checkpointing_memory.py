@@ -5,7 +5,8 @@ process builds the model with a TOAST adapter, its AdamW optimizer and one fixed
 `--warmup` steps (they create the optimizer states), then resets the peak and runs `--steps` more:
 
 - CPU: the resident-set high-water mark (Linux `VmHWM`, reset through `/proc/self/clear_refs`), reported in full and as
-  the part above the resident size just before the measured steps — what a step adds: activations and gradients;
+  the part above the resident size just before the measured steps — what a step adds: activations and gradients (the
+  memory that glibc kept from the warm-up steps is first returned with `malloc_trim`, else it would count as "before");
 - CUDA: `torch.cuda.max_memory_allocated`, likewise.
 
 Checkpointing is enabled the way `Trainer(gradient_checkpointing=True)` does it, non-reentrant:
@@ -22,6 +23,8 @@ Default model: SmolLM2-135M-Instruct (offline, `peft_toast.assets`; 30 blocks), 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import subprocess
@@ -98,6 +101,10 @@ def measure(config: dict) -> dict:
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        # glibc keeps the warm-up step's freed activations in the process; hand them back so that the resident size
+        # before the measured steps is what is alive (model, optimizer states, batch), as `memory_allocated` is on CUDA.
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         before = common._rss_kib("VmRSS") * 1024
         common._reset_peak_rss()
     for _ in range(config["steps"]):

@@ -5,8 +5,8 @@ give exactly what a full forward over the whole sequence gives. Every test compa
 uncached, incremental vs full, batched vs one row at a time) on a tiny decoder whose adapter is randomised, and checks
 that the adapter really changes the output, so that an equality cannot hold by accident.
 
-Tolerance: logits in float32 agree to `atol=rtol=1e-4` (the logits are of order 10; the differences seen are ~1e-5,
-from the different summation orders of cached and uncached attention). Tokens must be identical.
+Tolerance: logits in float32 agree to `atol=rtol=1e-4` (the logits are of order 10; the differences seen are up to
+~6e-5, from the different summation orders of cached and uncached attention). Tokens must be identical.
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ def test_legacy_tuple_cache_raises(llama_lm):
 # ---------------------------------------------------------------------------------------------- precision
 
 
-def test_bfloat16_generate(llama_lm):
+def test_bfloat16_generate():
     """A bf16 base model generates; its scores follow the full-sequence bf16 logits (bf16 tolerance)."""
     model = get_peft_model(DECODERS["llama"]().to(torch.bfloat16), ToastConfig(task_type="CAUSAL_LM"))
     randomize_adapter(model)
