@@ -80,8 +80,8 @@ class BlockStatistics:
 
     def add(self, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
         """Accumulate tokens: `hidden_in`, `hidden_out` of shape `(n, d)`."""
-        x = hidden_out.to(torch.float64)  # (n, d)
-        y = hidden_in.to(torch.float64)  # (n, d)
+        x = hidden_out.to(self.gram)  # (n, d), float64
+        y = hidden_in.to(self.gram)  # (n, d)
         self.gram += x.T @ x
         self.cross += y.T @ x
         self.target_energy += y.pow(2).sum()
@@ -120,7 +120,11 @@ def collect_block_statistics(
         raise ValueError(f"Adapter {adapter_name!r} has no feedback maps; is it a TOAST adapter of this model?")
     blocks = tuner._toast_architecture.blocks
     top = max(layer.block_index for layer in layers)
-    statistics = {layer.block_index: BlockStatistics.zeros(layer.in_features) for layer in layers}
+    # Each block's statistics live on its own device (a model split over several GPUs keeps them apart).
+    statistics = {
+        layer.block_index: BlockStatistics.zeros(layer.in_features, device=layer.get_base_layer().weight.device)
+        for layer in layers
+    }
     token_mask: list[Optional[torch.Tensor]] = [None]  # (B * N,) bool mask of the current batch
 
     def record(index: int):
@@ -135,6 +139,7 @@ def collect_block_statistics(
                         f"The attention mask covers {mask.shape[0]} tokens but block {index} sees "
                         f"{hidden_in.shape[0]}; calibration needs one mask entry per token of the residual stream."
                     )
+                mask = mask.to(hidden_in.device)
                 hidden_in, hidden_out = hidden_in[mask], hidden_out[mask]
             statistics[index].add(hidden_in, hidden_out)
             if index == top:
@@ -169,7 +174,7 @@ def collect_block_statistics(
 
 
 def _regularised_gram(statistics: BlockStatistics, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(G + lambda I, lambda)` with `lambda = ridge * trace(G) / d`, and the Cholesky factor `L` of it."""
+    """The Cholesky factor `L` of `G + lambda I` (`L L^T = G + lambda I`) and `lambda = ridge * trace(G) / d`."""
     gram = statistics.gram
     dim = gram.shape[0]
     strength = ridge * gram.diagonal().mean()
@@ -203,9 +208,8 @@ def reduced_rank_map(
     The singular values are split evenly between the factors. Returns `U` `(d, r)` and `V` `(r, d)` in float64.
     """
     factor, _ = _regularised_gram(statistics, ridge)
-    residual_cross = (
-        statistics.cross - statistics.gram if identity_base else statistics.cross
-    )  # sum (h_in - B h_out) h_out^T
+    # sum (h_in - B h_out) h_out^T = C - B G
+    residual_cross = statistics.cross - statistics.gram if identity_base else statistics.cross
     # D* L = (C - B G) L^{-T}: solve L X = (C - B G)^T for X = L^{-1} (C - B G)^T.
     whitened = torch.linalg.solve_triangular(factor, residual_cross.T, upper=False).T  # (d, d)
     left, singular, right = torch.linalg.svd(whitened)
@@ -387,73 +391,70 @@ def load_initialisation(
     saved = load_peft_weights(adapter_dir, device="cpu")
     tuner = model.base_model
 
-    # Saved maps by module path, e.g. {("base_model.model.vit.layers.3.attention.v_proj", "toast_down"): {"weight": ...}}
-    saved_maps: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in saved.items():
-        for kind in ToastLayer.adapter_layer_names:
-            marker = f".{kind}."
-            if marker in key:
-                path, parameter = key.split(marker)
-                saved_maps.setdefault((path, kind), {})[parameter] = tensor
-    architecture = tuner._toast_architecture
-    backbone_name = next(name for name, module in tuner.model.named_modules() if module is architecture.backbone)
-    kinds = ("toast_down",) if fresh_readout else ToastLayer.adapter_layer_names
+    saved_maps = _saved_maps_by_block(saved, tuner)
     kept_init = []
     for layer in tuner._toast_layers(adapter_name):
-        value_name = architecture.value_names[layer.block_index]
-        relative = (
-            value_name[len(backbone_name) + 1 :] if backbone_name else value_name
-        )  # e.g. "layers.3.attention.v_proj"
-        for kind in kinds:
+        for kind in ("toast_down",) if fresh_readout else ToastLayer.adapter_layer_names:
             if adapter_name not in getattr(layer, kind):
                 continue
-            matches = [
-                path for path, k in saved_maps if k == kind and (path == relative or path.endswith("." + relative))
-            ]
-            if len(matches) > 1:
-                raise ValueError(f"{adapter_dir} holds several {kind} maps matching `{relative}`: {matches}.")
-            if not matches:
-                kept_init.append(f"{kind} of block {layer.block_index}")
+            where = f"{kind} of block {layer.block_index}"
+            if (layer.block_index, kind) not in saved_maps:
+                kept_init.append(where)
                 continue
             init = saved_config.down_init if kind == "toast_down" else saved_config.readout_init
-            source = _saved_map(
-                saved_maps[matches[0], kind],
-                layer.in_features,
-                init,
-                saved_config.feedback_rank,
-                saved_config.lite_rank,
-            )
-            _copy_map(getattr(layer, kind)[adapter_name], source, where=f"{kind} of block {layer.block_index}")
+            ranks = {"rank": saved_config.feedback_rank, "lite_rank": saved_config.lite_rank}
+            source = _saved_map(saved_maps[layer.block_index, kind], layer.in_features, init, **ranks)
+            _copy_map(getattr(layer, kind)[adapter_name], source, where=where)
     if kept_init:
         warnings.warn(
             f"{adapter_dir} has no saved values for {', '.join(kept_init)}; these keep their initialisation.",
             stacklevel=2,
         )
 
-    with torch.no_grad():
-        if not fresh_prompt and "base_model.toast_prompt" in saved:
+    dim = tuner.toast_prompt[adapter_name].shape[0]
+    if not fresh_prompt and "base_model.toast_prompt" in saved:
+        with torch.no_grad():
             tuner.toast_prompt[adapter_name].copy_(saved["base_model.toast_prompt"])
-    channel = {
-        key.split("base_model.toast_channel.", 1)[1]: t
-        for key, t in saved.items()
-        if key.startswith("base_model.toast_channel.")
-    }
+    prefix = "base_model.toast_channel."
+    channel = {key[len(prefix) :]: tensor for key, tensor in saved.items() if key.startswith(prefix)}
     if channel and adapter_name in tuner.toast_channel:
         rank = saved_config.channel_rank if saved_config.channel_selection == "low_rank" else None
-        dim = tuner.toast_prompt[adapter_name].shape[0]
-        _copy_map(
-            tuner.toast_channel[adapter_name],
-            _saved_map(channel, dim, "identity", rank, None),
-            where="channel selection",
-        )
+        source = _saved_map(channel, dim, "identity", rank=rank, lite_rank=None)
+        _copy_map(tuner.toast_channel[adapter_name], source, where="channel selection")
     if not new_head:
         head = {key: tensor for key, tensor in saved.items() if "toast_" not in key}
         set_peft_model_state_dict(model, head, adapter_name=adapter_name)
     return model
 
 
+def _saved_maps_by_block(saved: dict[str, torch.Tensor], tuner) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """The saved feedback-map tensors of each block of `tuner`'s model, `{(block, kind): {"weight": ...}}`.
+
+    A saved key such as `base_model.model.vit.layers.3.attention.v_proj.toast_down.weight` belongs to block 3 of any
+    model whose value projection is `layers.3.attention.v_proj` relative to its backbone, whatever wraps the backbone.
+    """
+    architecture = tuner._toast_architecture
+    backbone_name = next(name for name, module in tuner.model.named_modules() if module is architecture.backbone)
+    blocks = {}
+    for index, value_name in enumerate(architecture.value_names):
+        relative = value_name[len(backbone_name) + 1 :] if backbone_name else value_name  # "layers.3.attention.v_proj"
+        blocks[relative] = index
+    maps: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in saved.items():
+        for kind in ToastLayer.adapter_layer_names:
+            if f".{kind}." not in key:
+                continue
+            path, parameter = key.split(f".{kind}.")
+            matches = [
+                index for relative, index in blocks.items() if path == relative or path.endswith("." + relative)
+            ]
+            if len(matches) == 1:
+                maps.setdefault((matches[0], kind), {})[parameter] = tensor
+    return maps
+
+
 def _saved_map(
-    tensors: dict[str, torch.Tensor], dim: int, init: str, rank: Optional[int], lite_rank: Optional[int]
+    tensors: dict[str, torch.Tensor], dim: int, init: str, *, rank: Optional[int], lite_rank: Optional[int]
 ) -> FeedbackMap:
     """Rebuild a saved `FeedbackMap` (with the parametrisation of the saved config) from its tensors."""
     feedback_map = FeedbackMap(dim, init=init, rank=rank, lite_rank=lite_rank, device="meta")

@@ -67,7 +67,8 @@ def pretune_top_down(
     progress: bool = True,
 ) -> PretuneResult:
     """Train the trainable parameters of `peft_model` (its active TOAST adapter) on `output.loss` with AdamW at a constant
-    learning rate, cycling over `batches`, until `max_steps` steps or `max_seconds` seconds, whichever comes first.
+    learning rate, cycling over `batches`, for `max_steps` steps or as many as fit in `max_seconds` seconds (it stops
+    when one more step at the mean step time would overrun; at least one step runs), whichever is fewer.
 
     `output.loss` is the task loss (if the batches carry labels) plus `variational_loss_weight` times the variational
     loss, so the adapter's config must have `variational_loss_weight > 0` unless the batches have labels.
@@ -100,8 +101,10 @@ def pretune_top_down(
             losses.append(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            elapsed = time.perf_counter() - start
+            # Stop before a step would overrun the time budget (at the mean step time so far).
             if (max_steps is not None and len(losses) >= max_steps) or (
-                max_seconds is not None and time.perf_counter() - start >= max_seconds
+                max_seconds is not None and elapsed * (len(losses) + 1) / len(losses) > max_seconds
             ):
                 break
     finally:
