@@ -71,18 +71,18 @@ class ToastLayer(nn.Module, BaseTunerLayer):
         return F.linear(signal.to(device=weight.device, dtype=weight.dtype), weight)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)  # (B, N, out)
-        if self.disable_adapters:
-            return result
-        signal: Optional[torch.Tensor] = current_signal(self)
+        signal: Optional[torch.Tensor] = None if self.disable_adapters else current_signal(self)
         if signal is None:
-            return result
+            return self.base_layer(x, *args, **kwargs)  # (B, N, out)
+        if not self.fused_qkv:
+            # V = W_v (u + t) + b_v in one product: the projection only carries values, so the signal can enter its
+            # input (one matmul instead of two, and the bias is added once).
+            return self.base_layer(x + signal.to(device=x.device, dtype=x.dtype), *args, **kwargs)
+        # [q | k | v] = one fused projection: only the value third may change.
+        result = self.base_layer(x, *args, **kwargs)  # (B, N, 3 * out_v)
         delta = self.value_delta(signal).to(result.dtype)  # (B, N, out_v)
-        if self.fused_qkv:
-            # [q | k | v]: only the value third changes.
-            query_key, value = result[..., : -delta.shape[-1]], result[..., -delta.shape[-1] :]
-            return torch.cat([query_key, value + delta], dim=-1)
-        return result + delta
+        query_key, value = result[..., : -delta.shape[-1]], result[..., -delta.shape[-1] :]
+        return torch.cat([query_key, value + delta], dim=-1)
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise NotImplementedError(_NO_MERGE)
