@@ -451,3 +451,15 @@ def test_vision_cli_end_to_end(tmp_path):
     assert result.num_tokens == 8 * 17
     for layer in loaded.base_model._toast_layers("default"):
         assert not torch.equal(layer.toast_down["default"].weight, torch.eye(32))
+
+
+def test_load_initialisation_can_keep_the_saved_head(tmp_path):
+    saved = get_peft_model(make_vit(), ToastConfig())
+    with torch.no_grad():
+        saved.base_model.model.classifier.modules_to_save["default"].weight.normal_()
+    saved.save_pretrained(tmp_path / "adapter")
+    model = load_initialisation(make_vit(), tmp_path / "adapter", new_head=False)
+    torch.testing.assert_close(
+        model.base_model.model.classifier.modules_to_save["default"].weight,
+        saved.base_model.model.classifier.modules_to_save["default"].weight,
+    )
