@@ -34,7 +34,8 @@ from peft_toast import ToastConfig
 from peft_toast.io import atomic_save_pretrained
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# `save_state` writes the adapter through our hook, then the optimizer: an optimizer file means a complete checkpoint.
+# A file every checkpoint of this loop has. (Checkpoints appear under their name only once complete, see
+# `save_checkpoint`; the marker keeps `--resume_from_checkpoint latest` off folders that some other writer left.)
 ACCELERATE_CHECKPOINT_MARKER = "optimizer.bin"
 
 
@@ -48,8 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--dataset",
         default=None,
-        help="Hub dataset name or a save_to_disk folder with train and "
-        "test/validation splits (default: offline Fashion-MNIST).",
+        help="Hub dataset name or a save_to_disk folder with train and test/validation splits (default: offline Fashion-MNIST).",
     )
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--label_column", default="label", help="A datasets.ClassLabel column.")
@@ -73,8 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--cpu",
         action="store_true",
-        help="Train on CPU even if a GPU is present; with several "
-        "processes (from `accelerate launch --multi_gpu` or `torchrun`) this is DDP over gloo.",
+        help="Train on CPU even if a GPU is present; with several processes (from `accelerate launch --multi_gpu` or `torchrun`) this is DDP over gloo.",
     )
     parser.add_argument("--no_shuffle", action="store_true", help="Visit the training data in order.")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -83,8 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--resume_from_checkpoint",
         default=None,
-        help="A checkpoint folder, or 'latest' for the last "
-        "complete one in --output_dir (a fresh start if there is none).",
+        help="A checkpoint folder, or 'latest' for the last complete one in --output_dir (a fresh start if there is none).",
     )
     return parser.parse_args(argv)
 

@@ -53,8 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--dataset",
         default=None,
-        help="Hub dataset name or a save_to_disk folder with train and "
-        "test/validation splits, a text column and a ClassLabel column (default: offline tweets).",
+        help="Hub dataset name or a save_to_disk folder with train and test/validation splits, a text column and a ClassLabel column (default: offline tweets).",
     )
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--label_column", default="label")
@@ -64,7 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="outputs/causal-lm-toast")
     parser.add_argument("--max_steps", type=int, default=30, help="Optimizer steps.")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--learning_rate",
+        type=float,
+        default=1e-5,
+        help="Much lower than for vision: a decoder's pass-1 feature (the last block's output, before the final norm) "
+        "is large, and so is every readout update it is multiplied by. On SmolLM2, 1e-4 already made the loss spike.",
+    )
     parser.add_argument("--save_steps", type=int, default=10, help="Write a checkpoint every this many steps.")
     parser.add_argument("--logging_steps", type=int, default=5)
     parser.add_argument(
@@ -76,8 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--resume_from_checkpoint",
         default=None,
-        help="A checkpoint folder, or 'latest' for the last "
-        "complete one in --output_dir (a fresh start if there is none).",
+        help="A checkpoint folder, or 'latest' for the last complete one in --output_dir (a fresh start if there is none).",
     )
     return parser.parse_args(argv)
 
@@ -95,8 +99,7 @@ def load_text_splits(args: argparse.Namespace):
     for column in (args.text_column, args.label_column):
         if column not in train.column_names:
             raise ValueError(
-                f"The dataset has columns {train.column_names} but no {column!r}; name its text and label columns "
-                "with --text_column and --label_column."
+                f"The dataset has columns {train.column_names} but no {column!r}; name its text and label columns with --text_column and --label_column."
             )
     return train, evaluation
 
@@ -168,8 +171,8 @@ def main(argv=None) -> dict:
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
         seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # TOAST's signals need non-reentrant recomputation
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # TOAST's signals need non-reentrant recomputation
         label_names=["labels"],
         dataloader_num_workers=0,
         report_to=[],

@@ -144,11 +144,13 @@ def image_args(model_dir: str, dataset_dir: str, **overrides) -> list[str]:
 
 
 def text_args(model_dir: str, dataset_dir: str, **overrides) -> list[str]:
-    """Command-line arguments of `train_causal_lm.py`: 6 steps of batch 4, a checkpoint every 2 steps."""
+    """Command-line arguments of `train_causal_lm.py`: 6 steps of batch 4, a checkpoint every 2 steps, and a learning
+    rate at which the tiny model's adapter moves far beyond the tests' tolerances."""
     options = {
         "model": model_dir,
         "dataset": dataset_dir,
         "max_steps": 6,
+        "learning_rate": 1e-3,
         "batch_size": 4,
         "save_steps": 2,
         "logging_steps": 1,
@@ -274,6 +276,26 @@ def test_causal_lm_resume_from_latest_skips_a_half_written_checkpoint(tmp_path, 
     assert_same_adapter(full / "adapter", crashed / "adapter", atol=1e-6)
 
 
+def test_causal_lm_gradient_checkpointing_gives_the_same_adapter(
+    tmp_path, monkeypatch, tiny_llama_dir, tiny_text_dataset_dir
+):
+    options = {"max_steps": 3, "save_steps": 100}
+    train_causal_lm.main(text_args(tiny_llama_dir, tiny_text_dataset_dir, output_dir=tmp_path / "plain", **options))
+    recomputed_blocks = []
+    checkpoint = transformers.modeling_utils.checkpoint
+    monkeypatch.setattr(
+        transformers.modeling_utils,
+        "checkpoint",
+        lambda *args, **kwargs: recomputed_blocks.append(kwargs) or checkpoint(*args, **kwargs),
+    )
+    train_causal_lm.main(
+        text_args(tiny_llama_dir, tiny_text_dataset_dir, output_dir=tmp_path / "checkpointed", **options)
+        + ["--gradient_checkpointing"]
+    )
+    assert recomputed_blocks and all(kwargs["use_reentrant"] is False for kwargs in recomputed_blocks)
+    assert_same_adapter(tmp_path / "plain" / "adapter", tmp_path / "checkpointed" / "adapter", atol=1e-6)
+
+
 def test_last_checkpoint(tmp_path):
     assert common.last_checkpoint(str(tmp_path / "missing"), "state.json") is None
     for name, marker in (
@@ -324,6 +346,7 @@ def run_killed_then_resumed(script: str, arguments: list[str], output_dir: Path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming from {resumed_from}." in result.stdout
+    print(f"{script}: killed with SIGKILL, resumed from {os.path.basename(resumed_from)}")
     return common.checkpoint_step(resumed_from)
 
 
