@@ -6,7 +6,7 @@ accuracy of the first response token (the logits of the label words after the pr
 
 Offline defaults: SmolLM2-135M-Instruct (a LlamaForCausalLM, from `peft_toast.assets`) on labelled tweet sentiment.
 
-    python examples/train_causal_lm.py --max_steps 30 --train_size 240
+    python examples/train_causal_lm.py --max_steps 20 --train_size 160
     python examples/train_causal_lm.py --model meta-llama/Llama-3.2-1B-Instruct --dataset imdb \
         --gradient_checkpointing --max_steps 500
 """
@@ -57,11 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--label_column", default="label")
-    parser.add_argument("--train_size", type=int, default=240, help="Training examples (a random subset).")
-    parser.add_argument("--eval_size", type=int, default=200, help="Evaluation examples (a random subset).")
+    parser.add_argument("--train_size", type=int, default=160, help="Training examples (a random subset).")
+    parser.add_argument("--eval_size", type=int, default=100, help="Evaluation examples (a random subset).")
     parser.add_argument("--max_length", type=int, default=128, help="Tokens per example, prompt and response.")
     parser.add_argument("--output_dir", default="outputs/causal-lm-toast")
-    parser.add_argument("--max_steps", type=int, default=30, help="Optimizer steps.")
+    parser.add_argument("--max_steps", type=int, default=20, help="Optimizer steps.")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument(
         "--learning_rate",
