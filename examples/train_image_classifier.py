@@ -34,8 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--dataset",
         default=None,
-        help="Hub dataset name or a save_to_disk folder with train and "
-        "test/validation splits (default: offline Fashion-MNIST).",
+        help="Hub dataset name or a save_to_disk folder with train and test/validation splits (default: offline Fashion-MNIST).",
     )
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--label_column", default="label", help="A datasets.ClassLabel column.")
@@ -51,8 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--resume_from_checkpoint",
         default=None,
-        help="A checkpoint folder, or 'latest' for the last "
-        "complete one in --output_dir (a fresh start if there is none).",
+        help="A checkpoint folder, or 'latest' for the last complete one in --output_dir (a fresh start if there is none).",
     )
     return parser.parse_args(argv)
 
