@@ -21,7 +21,7 @@ backward pass.
     python benchmarks/initialisation.py --quick                  # a few minutes: everything runs, nothing is measured
     python benchmarks/initialisation.py --output results.json    # the documented run; updates docs/initialisation.md
     python benchmarks/initialisation.py --tiny                   # tiny random models (seconds; the CI smoke test)
-    python benchmarks/initialisation.py --from-json results.json # regenerate the docs tables only
+    python benchmarks/initialisation.py --from-json a.json b.json  # regenerate the docs tables only
 """
 
 from __future__ import annotations
@@ -287,6 +287,7 @@ def downstream_model(task: common.Task, init: str, variant: str, folders: dict, 
 
 def run_task(task: common.Task, args, settings: dict, seeds: tuple[int, ...]) -> dict:
     print(f"\n== {task.description}: {task.model_name}")
+    machine = common.machine_info()  # the load average when this task starts
     with tempfile.TemporaryDirectory() as workdir:
         folders, report = prepare_initialisations(task, args, Path(workdir))
         probe = get_peft_model(task.new_model(), ToastConfig())
@@ -322,6 +323,7 @@ def run_task(task: common.Task, args, settings: dict, seeds: tuple[int, ...]) ->
         for key, results in runs.items()
     }
     return {
+        "machine": machine,
         "description": task.description,
         "model": task.model_name,
         "settings": settings,
@@ -389,13 +391,13 @@ def accuracy_table(task: dict) -> str:
 def report_markdown(results: dict) -> dict[str, str]:
     sections = {"init-params": parameter_table(results["parameter_counts"])}
     for name, task in results["tasks"].items():
-        settings = task["settings"]
+        settings, machine = task["settings"], task.get("machine", results["machine"])
         caption = (
             f"{task['description']} on {task['model']}: {settings['sizes']['train']} training examples, "
             f"{settings['steps']} steps of batch {settings['batch_size']}, {settings['sizes']['test']} test examples "
             f"(majority class {100 * task['majority_class_accuracy']:.1f}%), seeds {results['seeds']}; "
-            f"{results['machine']['cpu_count']} CPU cores, load average {results['machine']['load_average'][0]:.1f} "
-            f"at the start, fp32."
+            f"{machine['cpu_count']} CPU cores ({machine.get('cpu', 'unknown CPU')}), load average "
+            f"{machine['load_average'][0]:.1f} at the start, fp32."
         )
         sections[f"init-{name}"] = "\n\n".join(
             [caption, timing_lines(task), reconstruction_table(task), accuracy_table(task)]
@@ -414,11 +416,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--ridge", type=float, default=1e-3, help="Relative ridge of the calibration (default 1e-3).")
     parser.add_argument("--pretune-lr", type=float, default=1e-3, help="AdamW learning rate of SGD pre-tuning.")
     parser.add_argument(
-        "--from-json", type=Path, help="Regenerate the tables of docs/initialisation.md from this results file only."
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="Regenerate the tables of docs/initialisation.md from these results files (their tasks are merged) only.",
     )
     args = parser.parse_args(argv)
     if args.from_json:
-        results = json.loads(args.from_json.read_text())
+        runs = [json.loads(path.read_text()) for path in args.from_json]
+        results = {**runs[0], "tasks": {name: task for run in runs for name, task in run["tasks"].items()}}
         for name, text in report_markdown(results).items():
             common.update_docs_section(name, text, path=DOCS)
         return results

@@ -74,7 +74,7 @@ def pretune_top_down(
     loss, so the adapter's config must have `variational_loss_weight > 0` unless the batches have labels.
     """
     if max_steps is None and max_seconds is None:
-        raise ValueError("Give `pretune` a budget: `max_steps`, `max_seconds` or both.")
+        raise ValueError("Give `pretune_top_down` a budget: `max_steps`, `max_seconds` or both.")
     parameters = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
     if not parameters:
         raise ValueError("The model has no trainable parameters; pass a PeftModel whose TOAST adapter is trainable.")
