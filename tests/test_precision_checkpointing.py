@@ -170,11 +170,17 @@ def toast_tensors(model) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in tensors.items() if "toast_" in name}
 
 
-def reference_logits(kind: str, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 `(TOAST logits, base logits)` of the models that the half-precision tests cast down."""
+def reference_logits(kind: str, config: dict, adapter: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 `(TOAST logits, base logits)` of the base weights that the half-precision tests cast down, with the
+    TOAST tensors `adapter` (upcast). The adapter is copied, not re-created: random initialisation in half precision
+    need not draw the same values as in float32."""
     model = make_toast(kind, config=_config(kind, config)).eval()
+    tensors = toast_tensors(model)
+    assert tensors.keys() == adapter.keys()
     inputs = training_inputs(kind)
     with torch.no_grad():
+        for name, value in adapter.items():
+            tensors[name].copy_(value)
         toast = model(**inputs).logits
         with model.disable_adapter():
             base = model(**inputs).logits
@@ -223,7 +229,7 @@ def test_half_precision_base_model_trains(kind, dtype, autocast_adapter_dtype, c
             assert torch.equal(param, base_before[name]), name
     # The adapter's effect survives the reduced precision: the logits stay much closer to the float32 TOAST model's
     # than TOAST's own effect on them.
-    toast, base = reference_logits(kind, CONFIGS[config])
+    toast, base = reference_logits(kind, CONFIGS[config], before)
     rounding = (logits.detach().float() - toast).abs().max()
     assert rounding < 0.1 * (toast - base).abs().max()
 
@@ -231,6 +237,7 @@ def test_half_precision_base_model_trains(kind, dtype, autocast_adapter_dtype, c
 @pytest.mark.parametrize("kind", ["vit", "llama"])
 def test_bfloat16_autocast_training_step(kind):
     model = make_toast(kind)
+    before = {name: tensor.clone() for name, tensor in toast_tensors(model).items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = model(**training_inputs(kind))
     assert output.loss.dtype == torch.float32 and torch.isfinite(output.loss)
@@ -241,5 +248,34 @@ def test_bfloat16_autocast_training_step(kind):
     for name, param in model.named_parameters():
         if param.requires_grad:
             assert param.grad.dtype == torch.float32 and torch.isfinite(param.grad).all(), name
-    toast, base = reference_logits(kind, {})
+    toast, base = reference_logits(kind, {}, before)
     assert (output.logits.detach().float() - toast).abs().max() < 0.1 * (toast - base).abs().max()
+
+
+# ------------------------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["vit", "llama"])
+def test_checkpointing_on_cuda_recomputes_on_the_autograd_device_thread(kind):
+    """On CUDA the autograd engine runs backward, and so the recomputation, on its own device thread: the real case
+    that the other-thread test above simulates."""
+
+    def cuda_gradients(checkpointing: bool) -> tuple[dict, list[int]]:
+        model = make_toast(kind).cuda()
+        if checkpointing:
+            enable_checkpointing(model)
+        threads = []
+        architecture = model.base_model._toast_architecture
+        value_projection = model.base_model.model.get_submodule(architecture.value_names[0])
+        value_projection.register_forward_hook(lambda *_: threads.append(threading.get_ident()))
+        inputs = {name: tensor.cuda() for name, tensor in training_inputs(kind).items()}
+        model(**inputs).loss.backward()
+        torch.cuda.synchronize()
+        return {name: grad.cpu() for name, grad in gradients(model).items()}, threads
+
+    expected, _ = cuda_gradients(checkpointing=False)
+    actual, threads = cuda_gradients(checkpointing=True)
+    assert len(threads) == 3 and threads[0] == threads[1] == threading.get_ident()
+    assert threads[2] != threading.get_ident(), "the recomputation should run on the autograd engine's device thread"
+    assert_same_gradients(actual, expected)
