@@ -35,7 +35,7 @@ from pathlib import Path
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 import torch
 import transformers
-from generation import RESULTS, add_model_arguments, load_causal_lm
+from generation import add_model_arguments, default_output, load_causal_lm
 from peft import get_peft_model
 from tqdm.auto import tqdm
 
@@ -53,13 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--output",
         type=Path,
-        default=RESULTS / "checkpointing_memory.json",
-        help="Results JSON (default: %(default)s).",
+        help="Results JSON (default: benchmarks/results/checkpointing_memory.json; -quick/-tiny before .json for those "
+        "runs).",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one configuration (JSON) and print it
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.seq_len, args.steps = 2, 128, 2
+    args.output = args.output or default_output("checkpointing_memory", args)
     return args
 
 

@@ -70,12 +70,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--quick", action="store_true", help="8 new tokens, 5 timed rounds after 1 warm-up round (about a minute)."
     )
     parser.add_argument(
-        "--output", type=Path, default=RESULTS / "generation.json", help="Results JSON (default: %(default)s)."
+        "--output",
+        type=Path,
+        help="Results JSON (default: benchmarks/results/generation.json; -quick/-tiny before .json for those runs).",
     )
     args = parser.parse_args(argv)
     if args.quick:
         args.new_tokens, args.repeats, args.warmup = 8, 5, 1
+    args.output = args.output or default_output("generation", args)
     return args
+
+
+def default_output(name: str, args: argparse.Namespace) -> Path:
+    """`benchmarks/results/<name>.json`; quick and tiny runs get their own file, so they never replace a full run's."""
+    suffix = "-tiny" if args.tiny else "-quick" if args.quick else ""
+    return RESULTS / f"{name}{suffix}.json"
 
 
 def generate_fn(model, input_ids: torch.Tensor, new_tokens: int, use_cache: bool):
