@@ -18,7 +18,7 @@ import argparse
 import time
 
 import torch
-from common import instruction_prompt
+from example_utils import instruction_prompt
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed
 

@@ -23,7 +23,7 @@ import shutil
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from common import checkpoint_step, image_classification_splits, load_image_classifier, resolve_resume
+from example_utils import checkpoint_step, image_classification_splits, load_image_classifier, resolve_resume
 from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader

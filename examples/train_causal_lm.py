@@ -17,7 +17,7 @@ import argparse
 import os
 
 import torch
-from common import (
+from example_utils import (
     TRAINER_CHECKPOINT_MARKER,
     encode_instruction,
     evaluation_split,

@@ -16,7 +16,7 @@ import argparse
 import os
 
 import numpy as np
-from common import TRAINER_CHECKPOINT_MARKER, image_classification_splits, load_image_classifier, resolve_resume
+from example_utils import TRAINER_CHECKPOINT_MARKER, image_classification_splits, load_image_classifier, resolve_resume
 from peft import get_peft_model
 from transformers import AutoImageProcessor, Trainer, TrainingArguments, set_seed
 

@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 import torch
-from common import image_classification_splits, load_image_classifier
+from example_utils import image_classification_splits, load_image_classifier
 from peft import PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm

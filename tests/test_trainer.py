@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-import common  # noqa: E402
+import example_utils  # noqa: E402
 import train_causal_lm  # noqa: E402
 import train_image_classifier  # noqa: E402
 
@@ -203,21 +203,21 @@ def test_image_classifier_resume_ends_at_the_uninterrupted_adapter(tmp_path, tin
 
 def test_instruction_labels_mask_exactly_the_prompt():
     tokenizer = make_word_tokenizer()
-    prompt = common.instruction_prompt(tokenizer, "w1 w2 w3")
+    prompt = example_utils.instruction_prompt(tokenizer, "w1 w2 w3")
     assert prompt == "### Instruction:\nw1 w2 w3\n\n### Response:\n"
     prompt_ids = tokenizer(prompt)["input_ids"]
-    example = common.encode_instruction(tokenizer, prompt, "positive", max_length=64)
+    example = example_utils.encode_instruction(tokenizer, prompt, "positive", max_length=64)
     positive, eos = tokenizer.convert_tokens_to_ids(["positive", "[EOS]"])
     assert example["input_ids"] == prompt_ids + [positive, eos]
     assert example["labels"] == [-100] * len(prompt_ids) + [positive, eos]
     assert example["attention_mask"] == [1] * (len(prompt_ids) + 2)
 
     # Too long: the prompt loses its beginning, the response is whole.
-    short = common.encode_instruction(tokenizer, prompt, "positive", max_length=5)
+    short = example_utils.encode_instruction(tokenizer, prompt, "positive", max_length=5)
     assert short["input_ids"] == prompt_ids[-3:] + [positive, eos]
     assert short["labels"] == [-100] * 3 + [positive, eos]
     with pytest.raises(ValueError, match="Raise --max_length"):
-        common.encode_instruction(tokenizer, prompt, "positive w1", max_length=3)
+        example_utils.encode_instruction(tokenizer, prompt, "positive w1", max_length=3)
 
 
 def test_loss_covers_the_responses_only():
@@ -229,7 +229,7 @@ def test_loss_covers_the_responses_only():
 
     tokenizer = make_word_tokenizer()
     examples = [
-        common.encode_instruction(tokenizer, common.instruction_prompt(tokenizer, text), response, max_length=32)
+        example_utils.encode_instruction(tokenizer, example_utils.instruction_prompt(tokenizer, text), response, max_length=32)
         for text, response in (("w1 w2 w3 w4 w5", "negative"), ("w6", "positive w7"))
     ]
     batch = transformers.DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(examples)
@@ -268,7 +268,7 @@ def test_causal_lm_resume_from_latest_skips_a_half_written_checkpoint(tmp_path, 
     shutil.copytree(
         full / "checkpoint-4", crashed / "checkpoint-4", ignore=shutil.ignore_patterns("trainer_state.json")
     )
-    assert common.last_checkpoint(str(crashed), common.TRAINER_CHECKPOINT_MARKER) == str(crashed / "checkpoint-2")
+    assert example_utils.last_checkpoint(str(crashed), example_utils.TRAINER_CHECKPOINT_MARKER) == str(crashed / "checkpoint-2")
 
     train_causal_lm.main(
         text_args(tiny_llama_dir, tiny_text_dataset_dir, output_dir=crashed, resume_from_checkpoint="latest")
@@ -297,7 +297,7 @@ def test_causal_lm_gradient_checkpointing_gives_the_same_adapter(
 
 
 def test_last_checkpoint(tmp_path):
-    assert common.last_checkpoint(str(tmp_path / "missing"), "state.json") is None
+    assert example_utils.last_checkpoint(str(tmp_path / "missing"), "state.json") is None
     for name, marker in (
         ("checkpoint-5", "x"),
         ("checkpoint-40", "x"),
@@ -308,12 +308,12 @@ def test_last_checkpoint(tmp_path):
         (tmp_path / name / "state.json").write_text(marker)
     (tmp_path / "checkpoint-1000").mkdir()
     # 300's marker is empty (killed mid-write), 900 is not a checkpoint name, 1000 has no marker.
-    assert common.last_checkpoint(str(tmp_path), "state.json") == str(tmp_path / "checkpoint-40")
-    assert common.resolve_resume("latest", str(tmp_path), "state.json") == str(tmp_path / "checkpoint-40")
-    assert common.resolve_resume(None, str(tmp_path), "state.json") is None
-    assert common.checkpoint_step(str(tmp_path / "checkpoint-40") + "/") == 40
+    assert example_utils.last_checkpoint(str(tmp_path), "state.json") == str(tmp_path / "checkpoint-40")
+    assert example_utils.resolve_resume("latest", str(tmp_path), "state.json") == str(tmp_path / "checkpoint-40")
+    assert example_utils.resolve_resume(None, str(tmp_path), "state.json") is None
+    assert example_utils.checkpoint_step(str(tmp_path / "checkpoint-40") + "/") == 40
     with pytest.raises(ValueError, match="checkpoint-<step>"):
-        common.checkpoint_step(str(tmp_path / "adapter"))
+        example_utils.checkpoint_step(str(tmp_path / "adapter"))
 
 
 # ------------------------------------------------------------------------------------ killed and resumed (slow)
@@ -329,7 +329,7 @@ def run_killed_then_resumed(script: str, arguments: list[str], output_dir: Path,
         process = subprocess.Popen(command, env=environment, stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         try:
-            while common.last_checkpoint(str(output_dir), marker) is None:
+            while example_utils.last_checkpoint(str(output_dir), marker) is None:
                 assert process.poll() is None, f"the run ended before its first checkpoint: {log.read_text()[-2000:]}"
                 assert time.monotonic() < deadline, "no checkpoint appeared in time"
                 time.sleep(0.05)
@@ -339,7 +339,7 @@ def run_killed_then_resumed(script: str, arguments: list[str], output_dir: Path,
             process.wait()
     assert process.returncode == -signal.SIGKILL
     assert not (output_dir / "adapter").exists(), "the run finished before it was killed; give it more steps"
-    resumed_from = common.last_checkpoint(str(output_dir), marker)
+    resumed_from = example_utils.last_checkpoint(str(output_dir), marker)
 
     result = subprocess.run(
         [*command, "--resume_from_checkpoint=latest"], env=environment, capture_output=True, text=True, timeout=timeout
@@ -347,7 +347,7 @@ def run_killed_then_resumed(script: str, arguments: list[str], output_dir: Path,
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming from {resumed_from}." in result.stdout
     print(f"{script}: killed with SIGKILL, resumed from {os.path.basename(resumed_from)}")
-    return common.checkpoint_step(resumed_from)
+    return example_utils.checkpoint_step(resumed_from)
 
 
 @pytest.mark.slow
@@ -357,7 +357,7 @@ def test_trainer_run_killed_and_resumed_ends_at_the_uninterrupted_adapter(
     arguments = image_args(tiny_vit_dir, tiny_image_dataset_dir, max_steps=200, save_steps=10, logging_steps=50)
     train_image_classifier.main([*arguments, f"--output_dir={tmp_path / 'uninterrupted'}"])
     step = run_killed_then_resumed(
-        "train_image_classifier.py", arguments, tmp_path / "killed", common.TRAINER_CHECKPOINT_MARKER
+        "train_image_classifier.py", arguments, tmp_path / "killed", example_utils.TRAINER_CHECKPOINT_MARKER
     )
     assert 10 <= step < 200
     assert_same_adapter(tmp_path / "uninterrupted" / "adapter", tmp_path / "killed" / "adapter", atol=1e-6)
