@@ -10,7 +10,13 @@ import pytest
 import torch
 from conftest import LAYERS, make_inputs, make_llama, make_vit
 from peft import PeftModel, get_peft_model
-from transformers import LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast, ViTModel
+from transformers import (
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+    ViTImageProcessor,
+    ViTModel,
+)
 
 from peft_toast import ToastConfig
 from peft_toast.calibrate import (
@@ -18,6 +24,7 @@ from peft_toast.calibrate import (
     calibrate_feedback,
     collect_block_statistics,
     least_squares_map,
+    load_examples,
     load_initialisation,
     main,
     make_batches,
@@ -427,8 +434,6 @@ def test_singular_gram_without_ridge_raises_a_clear_error():
 
 def test_vision_cli_end_to_end(tmp_path):
     """`--data fashion-mnist` through an image processor, on a tiny ViT saved to a folder."""
-    from transformers import ViTImageProcessor
-
     folder = tmp_path / "tiny-vit"
     make_vit(with_head=False).save_pretrained(folder)
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
@@ -463,3 +468,22 @@ def test_load_initialisation_can_keep_the_saved_head(tmp_path):
         model.base_model.model.classifier.modules_to_save["default"].weight,
         saved.base_model.model.classifier.modules_to_save["default"].weight,
     )
+
+
+@pytest.mark.slow
+def test_cli_calibrates_the_real_dinov2(tmp_path):
+    """The offline DINOv2-S: calibration removes almost all of the identity maps' variational loss, and the adapter
+    loads onto the backbone class the CLI used."""
+    from peft_toast.assets import dinov2_small_vit_path
+
+    output = tmp_path / "calibrated"
+    result = main(["--model", "dinov2-small", "--data", "fashion-mnist", "--num-samples", "64", "--batch-size", "32",
+                   "--feedback-rank", "8", "--output", str(output)])  # fmt: skip
+    assert result.num_tokens == 64 * 65  # 112 px: 8 x 8 patches + CLS
+    assert result.loss_after < 0.2 * result.loss_before
+    path = dinov2_small_vit_path()
+    loaded = PeftModel.from_pretrained(ViTModel.from_pretrained(path), output)
+    identity = get_peft_model(ViTModel.from_pretrained(path), ToastConfig())
+    processor = ViTImageProcessor.from_pretrained(path)
+    held_out = list(make_batches(load_examples("fashion-mnist", 16, split="test"), processor, batch_size=16))
+    assert reconstruction_error(loaded, held_out) < 0.2 * reconstruction_error(identity, held_out)
