@@ -20,9 +20,24 @@ __all__ = [
     "ToastLayer",
     "ToastModel",
     "atomic_save_pretrained",
+    "calibrate_feedback",
     "check_adapter",
+    "load_initialisation",
     "load_toast_adapter",
+    "pretune_top_down",
     "register_architecture",
 ]
 
 __version__ = "0.1.0"
+
+# Command-line modules, imported on first use so that `python -m peft_toast.calibrate` (or `.pretune`) does not find its
+# own module already imported by the package.
+_LAZY_EXPORTS = {"calibrate_feedback": "calibrate", "load_initialisation": "calibrate", "pretune_top_down": "pretune"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -306,6 +306,8 @@ class ToastModel(BaseTuner):
             output["toast_variational_loss"] = loss.detach()
             if getattr(output, "loss", None) is not None:
                 output["loss"] = output.loss + weight * loss.to(output.loss.dtype)
+            else:  # no task loss (a backbone, or no labels): pre-tuning then trains on the variational loss alone
+                output["loss"] = weight * loss
         return output
 
     def variational_loss(self, adapter_name: str, block_io: list) -> torch.Tensor:
@@ -544,8 +546,15 @@ def _make_block_recorder(index: int):
         state = current_state()
         if state is None or state.block_io is None or state.pass1:
             return
-        hidden_in = args[0] if args else kwargs["hidden_states"]
-        hidden_out = output[0] if isinstance(output, tuple) else output
+        hidden_in, hidden_out = block_input_output(args, kwargs, output)
         state.block_io.append((index, hidden_in.detach(), hidden_out.detach()))
 
     return record
+
+
+def block_input_output(args: tuple, kwargs: dict, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block `l`'s residual-stream input and output `(h_l_in, h_l_out)`, each `(B, N, d)`, from a forward hook's view
+    (the variational loss and `peft_toast.calibrate` read the same tensors)."""
+    hidden_in = args[0] if args else kwargs["hidden_states"]
+    hidden_out = output[0] if isinstance(output, tuple) else output
+    return hidden_in, hidden_out
