@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--families", nargs="+", default=["vision", "text"], choices=["vision", "text"])
     parser.add_argument("--device", default="cpu", help="'cpu' (default) or a CUDA device such as 'cuda'.")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="Model weights' dtype.")
-    parser.add_argument("--repeats", type=int, default=None, help="Timed rounds (default 7; 3 with --quick).")
+    parser.add_argument("--repeats", type=int, default=None, help="Timed rounds (default 5; 3 with --quick).")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed rounds first (default 2).")
     parser.add_argument("--no-memory", action="store_true", help="Skip the peak-memory measurements.")
     parser.add_argument(
@@ -221,7 +221,7 @@ def main(argv=None) -> dict:
         return results
     common.setup(args)
     if args.repeats is None:
-        args.repeats = 3 if (args.quick or args.tiny) else 7
+        args.repeats = 3 if (args.quick or args.tiny) else 5
     if args.tiny:
         args.warmup = min(args.warmup, 1)
     if args.profile:

@@ -412,6 +412,8 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--image-size", type=int, default=112, help="Image side in px, a multiple of 14 (default 112)."
     )
+    parser.add_argument("--steps", type=int, help="Training steps of every downstream run (default: the protocol's).")
+    parser.add_argument("--train-size", type=int, help="Labelled training examples (default: the protocol's).")
     parser.add_argument("--rank", type=int, default=8, help="Rank of low-rank feedback and TOAST-Lite (default 8).")
     parser.add_argument("--ridge", type=float, default=1e-3, help="Relative ridge of the calibration (default 1e-3).")
     parser.add_argument("--pretune-lr", type=float, default=1e-3, help="AdamW learning rate of SGD pre-tuning.")
@@ -440,7 +442,11 @@ def main(argv=None) -> dict:
         "tasks": {},
     }
     for name in args.tasks:
-        settings = protocol[name]
+        settings = json.loads(json.dumps(protocol[name]))  # a deep copy
+        if args.steps is not None:
+            settings["steps"] = args.steps
+        if args.train_size is not None:
+            settings["sizes"]["train"] = args.train_size
         if name == "vision":
             task = common.vision_task(
                 args.vision_model, sizes=settings["sizes"], image_size=args.image_size, tiny=args.tiny
