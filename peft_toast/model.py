@@ -98,7 +98,8 @@ class ToastModel(BaseTuner):
             warnings.warn(
                 f"This TOAST adapter was made for a different base model ({'; '.join(mismatch)}): even where its "
                 f"tensors fit, it will not do what it was trained to do. Load it onto the model it was made for, or "
-                f"load it with `peft_toast.load_toast_adapter`, which refuses such a load."
+                f"load it with `peft_toast.load_toast_adapter`, which refuses such a load.",
+                stacklevel=2
             )
         peft_config.base_model_dims = dims
         return peft_config
