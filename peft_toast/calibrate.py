@@ -205,7 +205,8 @@ def reduced_rank_map(
 
     With `D* = (C - B G)(G + lambda I)^{-1}` the unconstrained optimum, the objective is `const + ||(D - D*) L||^2`
     where `G + lambda I = L L^T`; so `D = [D* L]_r L^{-1}` with `[.]_r` the rank-`r` truncated SVD (Eckart-Young).
-    The singular values are split evenly between the factors. Returns `U` `(d, r)` and `V` `(r, d)` in float64.
+    Each rank-1 term is split so that its two factors have equal norms. Returns `U` `(d, r)` and `V` `(r, d)` in
+    float64.
     """
     factor, _ = _regularised_gram(statistics, ridge)
     # sum (h_in - B h_out) h_out^T = C - B G
@@ -213,11 +214,12 @@ def reduced_rank_map(
     # D* L = (C - B G) L^{-T}: solve L X = (C - B G)^T for X = L^{-1} (C - B G)^T.
     whitened = torch.linalg.solve_triangular(factor, residual_cross.T, upper=False).T  # (d, d)
     left, singular, right = torch.linalg.svd(whitened)
-    scale = singular[:rank].sqrt()  # (r,)
-    u = left[:, :rank] * scale  # (d, r)
-    # V = S^1/2 Q_r^T L^{-1}, i.e. L^T V^T = Q_r S^1/2.
-    v = torch.linalg.solve_triangular(factor.T, right[:rank].T * scale, upper=True).T  # (r, d)
-    return u, v
+    u = left[:, :rank] * singular[:rank]  # (d, r): P_r S_r
+    v = torch.linalg.solve_triangular(factor.T, right[:rank].T, upper=True).T  # (r, d): Q_r^T L^{-1}
+    # Balance each rank-1 term so that u and v have equal norms: the same map, but gradient steps on either factor
+    # then move it alike (the raw split grows u with the number of calibration tokens and shrinks v).
+    balance = (v.norm(dim=1) / u.norm(dim=0).clamp_min(torch.finfo(u.dtype).tiny)).sqrt()  # (r,)
+    return u * balance, v / balance.clamp_min(torch.finfo(u.dtype).tiny)[:, None]
 
 
 @torch.no_grad()

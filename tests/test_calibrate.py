@@ -487,3 +487,16 @@ def test_cli_calibrates_the_real_dinov2(tmp_path):
     processor = ViTImageProcessor.from_pretrained(path)
     held_out = list(make_batches(load_examples("fashion-mnist", 16, split="test"), processor, batch_size=16))
     assert reconstruction_error(loaded, held_out) < 0.2 * reconstruction_error(identity, held_out)
+
+
+def test_low_rank_factors_are_balanced_and_independent_of_the_data_scale():
+    """Each rank-1 term of U V has equal factor norms, whatever the number of calibration tokens (repeating the data
+    scales G and C but not the map)."""
+    generator = torch.Generator().manual_seed(0)
+    h_out = torch.randn(200, 16, generator=generator, dtype=torch.float64)
+    h_in = h_out @ torch.randn(16, 16, generator=generator, dtype=torch.float64) * 0.3 + h_out
+    once, ten_times = _block_statistics(h_out, h_in), _block_statistics(h_out.repeat(10, 1), h_in.repeat(10, 1))
+    u, v = reduced_rank_map(once, 3)
+    torch.testing.assert_close(u.norm(dim=0), v.norm(dim=1))
+    for got, want in zip(reduced_rank_map(ten_times, 3), (u, v)):
+        torch.testing.assert_close(got.abs(), want.abs())  # the SVD may flip signs of a pair
