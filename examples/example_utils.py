@@ -1,21 +1,88 @@
-"""What the training examples share: datasets, the instruction format, the checkpoint to resume from, the final save.
+"""What the examples share: command-line arguments and default models, datasets, the instruction format, the
+checkpoint to resume from, the final save.
 
 Each example reads top to bottom on its own; only what two of them need lives here.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from typing import Optional
 
 import datasets
 import torch
-from transformers import AutoModelForImageClassification, PreTrainedModel
+from transformers import AutoModelForImageClassification, PreTrainedModel, TrainingArguments
+
+from peft_toast.io import atomic_save_pretrained
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # The first file a resumable checkpoint needs that its writer writes last: a folder without it was cut off mid-write.
 TRAINER_CHECKPOINT_MARKER = "trainer_state.json"
+
+
+# -------------------------------------------------------------------------------------- command line and models
+
+
+def example_parser(description: str) -> argparse.ArgumentParser:
+    """A parser whose `--help` starts with `description` (the example's docstring) with its line breaks kept."""
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_causal_lm_argument(parser: argparse.ArgumentParser) -> None:
+    """`--model`: a causal LM, by default the offline SmolLM2-135M-Instruct (see `causal_lm_path`)."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hub id or local folder of a causal LM with its tokenizer (default: offline SmolLM2-135M-Instruct).",
+    )
+
+
+def add_image_classification_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model`, `--dataset`, its columns and the subset sizes, as `image_classification_splits` takes them."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hub id or local folder of an image model (default: offline DINOv2-small as a ViT at 112 px).",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="Hub dataset name or a save_to_disk folder with train and test/validation splits (default: offline Fashion-MNIST).",
+    )
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--label_column", default="label", help="A datasets.ClassLabel column.")
+    parser.add_argument("--train_size", type=int, default=960, help="Training examples (a random subset).")
+    parser.add_argument("--eval_size", type=int, default=500, help="Evaluation examples (a random subset).")
+
+
+def add_seed_and_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--seed` and `--resume_from_checkpoint` (a folder or `latest`, see `resolve_resume`)."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="A checkpoint folder, or 'latest' for the last complete one in --output_dir (a fresh start if there is none).",
+    )
+
+
+def image_model_path(model: Optional[str]) -> str:
+    """`model`, or the offline DINOv2-small as a ViT at 112 px when it is None."""
+    if model is not None:
+        return model
+    from peft_toast.assets import dinov2_small_vit_path
+
+    return dinov2_small_vit_path(image_size=112)
+
+
+def causal_lm_path(model: Optional[str]) -> str:
+    """`model`, or the offline SmolLM2-135M-Instruct when it is None."""
+    if model is not None:
+        return model
+    from peft_toast.assets import smollm2_path
+
+    return smollm2_path()
 
 
 # ------------------------------------------------------------------------------------------------------ datasets
@@ -128,7 +195,25 @@ def encode_instruction(tokenizer, prompt: str, response: str, max_length: int) -
     }
 
 
-# --------------------------------------------------------------------------------------------------- checkpoints
+# ------------------------------------------------------------------------------------------ Trainer, checkpoints
+
+
+def training_arguments(args: argparse.Namespace, **fields) -> TrainingArguments:
+    """The `TrainingArguments` of a `Trainer` example: its --output_dir, --max_steps, --batch_size, --learning_rate,
+    --save_steps, --logging_steps and --seed, plus `fields`."""
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        label_names=["labels"],  # a PeftModel's forward hides the argument names the Trainer would look for
+        dataloader_num_workers=0,
+        report_to=[],
+        **fields,
+    )
 
 
 def checkpoint_step(path: str) -> int:
@@ -170,3 +255,14 @@ def resolve_resume(resume_from_checkpoint: Optional[str], output_dir: str, marke
         f"Resuming from {checkpoint}." if checkpoint else f"No complete checkpoint in {output_dir}: starting afresh."
     )
     return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------- final save
+
+
+def save_adapter(model, output_dir: str) -> str:
+    """Save the trained adapter (with its model card) in `output_dir/adapter` and return that folder. A crash mid-write
+    leaves any previous adapter there intact."""
+    adapter_dir = os.path.join(output_dir, "adapter")
+    atomic_save_pretrained(model, adapter_dir)
+    return adapter_dir

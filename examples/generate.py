@@ -18,7 +18,7 @@ import argparse
 import time
 
 import torch
-from example_utils import instruction_prompt
+from example_utils import add_causal_lm_argument, causal_lm_path, example_parser, instruction_prompt
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed
 
@@ -28,12 +28,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="Hub id or local folder of a causal LM with its tokenizer (default: offline SmolLM2-135M-Instruct).",
-    )
+    parser = example_parser(__doc__)
+    add_causal_lm_argument(parser)
     parser.add_argument(
         "--adapter", default=None, help="Folder (or Hub id) of a TOAST adapter saved with save_pretrained (optional)."
     )
@@ -53,17 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def model_path(model: str | None) -> str:
-    if model is not None:
-        return model
-    from peft_toast.assets import smollm2_path
-
-    return smollm2_path()
-
-
 def load(args: argparse.Namespace):
     """The tokenizer and the model (with the adapter, if one is given), in eval mode on `args.device`."""
-    path = model_path(args.model)
+    path = causal_lm_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype])
     if args.adapter is not None:

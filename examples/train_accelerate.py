@@ -23,7 +23,16 @@ import shutil
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from example_utils import checkpoint_step, image_classification_splits, load_image_classifier, resolve_resume
+from example_utils import (
+    add_image_classification_arguments,
+    add_seed_and_resume_arguments,
+    checkpoint_step,
+    example_parser,
+    image_classification_splits,
+    image_model_path,
+    load_image_classifier,
+    resolve_resume,
+)
 from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -40,21 +49,8 @@ ACCELERATE_CHECKPOINT_MARKER = "optimizer.bin"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="Hub id or local folder of an image model (default: offline DINOv2-small as a ViT at 112 px).",
-    )
-    parser.add_argument(
-        "--dataset",
-        default=None,
-        help="Hub dataset name or a save_to_disk folder with train and test/validation splits (default: offline Fashion-MNIST).",
-    )
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--label_column", default="label", help="A datasets.ClassLabel column.")
-    parser.add_argument("--train_size", type=int, default=960, help="Training examples (a random subset).")
-    parser.add_argument("--eval_size", type=int, default=500, help="Evaluation examples (a random subset).")
+    parser = example_parser(__doc__)
+    add_image_classification_arguments(parser)
     parser.add_argument("--output_dir", default="outputs/accelerate-toast")
     parser.add_argument("--max_steps", type=int, default=60, help="Optimizer steps.")
     parser.add_argument(
@@ -78,12 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no_shuffle", action="store_true", help="Visit the training data in order.")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--save_steps", type=int, default=20, help="Write a checkpoint every this many steps.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="A checkpoint folder, or 'latest' for the last complete one in --output_dir (a fresh start if there is none).",
-    )
+    add_seed_and_resume_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -142,10 +133,7 @@ def evaluate(accelerator: Accelerator, model, loader: DataLoader) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.model is None:
-        from peft_toast.assets import dinov2_small_vit_path
-
-        args.model = dinov2_small_vit_path(image_size=112)
+    args.model = image_model_path(args.model)
     accelerator = Accelerator(
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,

@@ -14,17 +14,22 @@ Offline defaults: SmolLM2-135M-Instruct (a LlamaForCausalLM, from `peft_toast.as
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 from example_utils import (
     TRAINER_CHECKPOINT_MARKER,
+    add_causal_lm_argument,
+    add_seed_and_resume_arguments,
+    causal_lm_path,
     encode_instruction,
     evaluation_split,
+    example_parser,
     instruction_prompt,
     load_dataset_splits,
     resolve_resume,
+    save_adapter,
     subset,
+    training_arguments,
 )
 from peft import get_peft_model
 from tqdm.auto import tqdm
@@ -33,23 +38,17 @@ from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
     Trainer,
-    TrainingArguments,
     set_seed,
 )
 
 from peft_toast import ToastConfig
-from peft_toast.io import atomic_save_pretrained
 
 INSTRUCTION = "Tweet: {text}\n\nIs the sentiment of this tweet {choices}? Answer with one word."
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="Hub id or local folder of a causal LM with its tokenizer (default: offline SmolLM2-135M-Instruct).",
-    )
+    parser = example_parser(__doc__)
+    add_causal_lm_argument(parser)
     parser.add_argument(
         "--dataset",
         default=None,
@@ -77,12 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="Recompute activations in the backward pass (non-reentrant) to save memory.",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="A checkpoint folder, or 'latest' for the last complete one in --output_dir (a fresh start if there is none).",
-    )
+    add_seed_and_resume_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -133,10 +127,7 @@ def first_token_accuracy(
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.model is None:
-        from peft_toast.assets import smollm2_path
-
-        args.model = smollm2_path()
+    args.model = causal_lm_path(args.model)
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
@@ -163,19 +154,10 @@ def main(argv=None) -> dict:
     model.print_trainable_parameters()
     before = first_token_accuracy(model, tokenizer, eval_prompts, eval_labels, label_words, args.batch_size)
 
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
+    training_args = training_arguments(
+        args,
         activation_checkpointing=args.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},  # TOAST's signals need non-reentrant recomputation
-        label_names=["labels"],
-        dataloader_num_workers=0,
-        report_to=[],
     )
     # Pads input ids with the pad token and labels with -100, so padding is never learned.
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -184,8 +166,7 @@ def main(argv=None) -> dict:
     trainer.train(resume_from_checkpoint=resume)
 
     after = first_token_accuracy(model, tokenizer, eval_prompts, eval_labels, label_words, args.batch_size)
-    adapter_dir = os.path.join(args.output_dir, "adapter")
-    atomic_save_pretrained(model, adapter_dir)  # a crash mid-write leaves any previous adapter intact
+    adapter_dir = save_adapter(model, args.output_dir)
     print(
         f"first-token accuracy on {len(eval_prompts)} held-out examples: {before:.4f} before, {after:.4f} after "
         f"training; adapter saved to {adapter_dir}"

@@ -27,7 +27,14 @@ import os
 
 import numpy as np
 import torch
-from example_utils import image_classification_splits, load_image_classifier
+from example_utils import (
+    causal_lm_path,
+    example_parser,
+    image_classification_splits,
+    image_model_path,
+    load_image_classifier,
+    save_adapter,
+)
 from peft import PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -40,7 +47,7 @@ from transformers import (
 )
 
 from peft_toast import ToastConfig
-from peft_toast.io import atomic_file, atomic_save_pretrained
+from peft_toast.io import atomic_file
 from peft_toast.visualize import (
     ImageAttentionMaps,
     attention_entropy,
@@ -54,7 +61,7 @@ from peft_toast.visualize import (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = example_parser(__doc__)
     parser.add_argument("--text", action="store_true", help="Text (tweet sentiment) instead of images.")
     parser.add_argument("--model", default=None, help="Hub id or local folder of the base model (default: offline "
                         "DINOv2-small as a ViT at 112 px; with --text, offline SmolLM2-135M).")
@@ -101,16 +108,13 @@ def batches(items: list, size: int):
 def run_images(args: argparse.Namespace) -> dict:
     from peft_toast.assets import load_fashion_mnist
 
-    if args.model is None:
-        from peft_toast.assets import dinov2_small_vit_path
-
-        args.model = dinov2_small_vit_path(image_size=112)
+    args.model = image_model_path(args.model)
     image_processor = AutoImageProcessor.from_pretrained(args.model)
     train, _, label_names = image_classification_splits(None, image_processor, args.train_size, 1, args.seed)
     if args.adapter is None:
         model = get_peft_model(load_image_classifier(args.model, label_names), ToastConfig())
         quick_train(model, train, None, args)
-        args.adapter = save_adapter(model, args.output_dir)
+        args.adapter = save_quick_adapter(model, args.output_dir)
     model = PeftModel.from_pretrained(load_image_classifier(args.model, label_names), args.adapter).eval()
 
     test = load_fashion_mnist("test", limit=args.eval_size, seed=args.seed)
@@ -160,10 +164,7 @@ def run_images(args: argparse.Namespace) -> dict:
 def run_text(args: argparse.Namespace) -> dict:
     from peft_toast.assets import load_tweet_sentiment
 
-    if args.model is None:
-        from peft_toast.assets import smollm2_path
-
-        args.model = smollm2_path()
+    args.model = causal_lm_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -186,7 +187,7 @@ def run_text(args: argparse.Namespace) -> dict:
         train = train.map(encode, batched=True, remove_columns=["text"]).rename_column("label", "labels")
         model = get_peft_model(load_base(), ToastConfig(task_type="SEQ_CLS"))
         quick_train(model, train, DataCollatorWithPadding(tokenizer), args)
-        args.adapter = save_adapter(model, args.output_dir)
+        args.adapter = save_quick_adapter(model, args.output_dir)
     model = PeftModel.from_pretrained(load_base(), args.adapter).eval()
 
     texts = splits["test"]["text"][: args.eval_size]
@@ -222,9 +223,8 @@ def run_text(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------------------- common
 
 
-def save_adapter(model: PeftModel, output_dir: str) -> str:
-    adapter_dir = os.path.join(output_dir, "adapter")
-    atomic_save_pretrained(model, adapter_dir)  # with the model card (README.md)
+def save_quick_adapter(model: PeftModel, output_dir: str) -> str:
+    adapter_dir = save_adapter(model, output_dir)  # with the model card (README.md)
     print(f"adapter saved to {adapter_dir}")
     return adapter_dir
 

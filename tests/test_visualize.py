@@ -11,16 +11,7 @@ import torch.nn.functional as F
 from conftest import IMAGE, PATCH, make_inputs, make_llama, make_vit, randomize_adapter
 from peft import get_peft_model
 
-from peft_toast import ToastConfig
-from peft_toast.visualize import (
-    attention_entropy,
-    attention_mass,
-    compare_attention,
-    image_attention_maps,
-    object_mask,
-    plot_image_attention,
-    plot_text_attention,
-)
+from peft_toast import ToastConfig, visualize
 
 GRID = IMAGE // PATCH
 
@@ -47,7 +38,7 @@ def test_image_maps_against_an_independent_computation():
     model = steered(base)
     pixel_values = make_inputs("vit", batch=3)["pixel_values"]
 
-    maps = image_attention_maps(model, pixel_values)
+    maps = visualize.image_attention_maps(model, pixel_values)
 
     for heatmap in (maps.frozen, maps.toast, maps.gates):
         assert heatmap.shape == (3, GRID, GRID)
@@ -76,7 +67,7 @@ def test_text_comparison_reads_the_last_real_token():
     inputs = make_inputs("llama", batch=2, seq=6)
     inputs["attention_mask"][1, 4:] = 0  # right padding: row 1 has 4 real tokens
 
-    comparison = compare_attention(model, inputs)
+    comparison = visualize.compare_attention(model, inputs)
 
     assert comparison.query_index.tolist() == [5, 3]
     for values in (comparison.frozen, comparison.toast, comparison.gates):
@@ -107,31 +98,34 @@ def test_entropy_mask_and_mass():
     uniform = torch.full((1, 4, 4), 1 / 16)
     peaked = torch.zeros(1, 4, 4)
     peaked[0, 1, 2] = 1.0
-    torch.testing.assert_close(attention_entropy(torch.cat([uniform, peaked])), torch.tensor([math.log(16), 0.0]))
+    torch.testing.assert_close(
+        visualize.attention_entropy(torch.cat([uniform, peaked])), torch.tensor([math.log(16), 0.0])
+    )
 
     images = torch.zeros(1, 8, 8)
     images[0, :4, 4:] = 1.0  # a bright top-right quadrant
     images[0, 4:6, :2] = 0.3  # a dim patch (mean 0.3): object at threshold 0.2, background at 0.5
-    mask = object_mask(images, (4, 4), threshold=0.5)
+    mask = visualize.object_mask(images, (4, 4), threshold=0.5)
     expected = torch.zeros(1, 4, 4, dtype=torch.bool)
     expected[0, :2, 2:] = True
     assert torch.equal(mask, expected)
-    assert object_mask(images, (4, 4), threshold=0.2)[0, 2, 0]
-    torch.testing.assert_close(attention_mass(uniform, mask), torch.tensor([4 / 16]))
-    torch.testing.assert_close(attention_mass(peaked, mask), torch.tensor([1.0]))
+    assert visualize.object_mask(images, (4, 4), threshold=0.2)[0, 2, 0]
+    torch.testing.assert_close(visualize.attention_mass(uniform, mask), torch.tensor([4 / 16]))
+    torch.testing.assert_close(visualize.attention_mass(peaked, mask), torch.tensor([1.0]))
 
 
 def test_figures_are_written(tmp_path):
     model = steered(make_vit())
     pixel_values = make_inputs("vit", batch=2)["pixel_values"]
-    maps = image_attention_maps(model, pixel_values)
+    maps = visualize.image_attention_maps(model, pixel_values)
     images = pixel_values.mean(dim=1).sigmoid()  # (B, H, W) in [0, 1]
-    plot_image_attention(images, maps, tmp_path / "image.png", masks=object_mask(images, (GRID, GRID), 0.5),
-                         labels=["a", "b"])
+    visualize.plot_image_attention(
+        images, maps, tmp_path / "image.png", masks=visualize.object_mask(images, (GRID, GRID), 0.5), labels=["a", "b"]
+    )
 
     llama = steered(make_llama(), "CAUSAL_LM")
     inputs = make_inputs("llama", batch=1, seq=5)
-    plot_text_attention(list("abcde"), compare_attention(llama, inputs), tmp_path / "text.png")
+    visualize.plot_text_attention(list("abcde"), visualize.compare_attention(llama, inputs), tmp_path / "text.png")
 
     import matplotlib.image
 
