@@ -23,13 +23,10 @@ How it is measured:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
-import json
-import sys
 import time
 from pathlib import Path
 
+import _timing  # imports common first, which must come before torch (see below)
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 import torch
 from tqdm.auto import tqdm
@@ -58,9 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--families", nargs="+", default=["vision", "text"], choices=["vision", "text"])
     parser.add_argument("--device", default="cpu", help="'cpu' (default) or a CUDA device such as 'cuda'.")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="Model weights' dtype.")
-    parser.add_argument("--repeats", type=int, default=None, help="Timed rounds (default 5; 3 with --quick).")
-    parser.add_argument("--warmup", type=int, default=2, help="Untimed rounds first (default 2).")
-    parser.add_argument("--no-memory", action="store_true", help="Skip the peak-memory measurements.")
+    _timing.add_rounds_arguments(parser, repeats_help="Timed rounds (default 5; 3 with --quick).", warmup=2)
     parser.add_argument(
         "--profile", action="store_true", help="Profile one TOAST training step and forward per model instead."
     )
@@ -74,20 +69,8 @@ def spec_for(args, family: str, method: str, kind: str) -> common.CostSpec:
     prompt, new_tokens = GENERATION[mode]
     if kind == "generate":
         batch_size, size = 1, prompt
-    return common.CostSpec(
-        family=family,
-        method=method,
-        batch_size=batch_size,
-        size=size,
-        kind=kind,
-        model=args.vision_model if family == "vision" else args.text_model,
-        tiny=args.tiny,
-        device=args.device,
-        dtype=args.dtype,
-        new_tokens=new_tokens,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        threads=args.threads,
+    return _timing.cost_spec(
+        args, family, method, batch_size, size, kind=kind, device=args.device, dtype=args.dtype, new_tokens=new_tokens
     )
 
 
@@ -129,9 +112,7 @@ def measure_family(args, family: str) -> dict:
     if not args.no_memory:
         memory = {}
         for method in tqdm(TRAIN_METHODS, desc=f"{family}: peak memory (one process each)", leave=False):
-            # two steps reach the peak: the first creates the optimizer states, the second holds them with activations
-            spec = dataclasses.replace(spec_for(args, family, method, "train"), warmup=0, repeats=2)
-            memory[method] = common.measure_peak_memory(spec)
+            memory[method] = _timing.peak_training_memory(spec_for(args, family, method, "train"))
         result["train_memory_mib"] = memory
     result["ratios"] = ratios(result)
     return result
@@ -215,13 +196,9 @@ def _labelled(method, label: str, record_function):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.from_json:
-        results = json.loads(args.from_json.read_text())
-        write_docs(results)
-        return results
-    common.setup(args)
-    if args.repeats is None:
-        args.repeats = 3 if (args.quick or args.tiny) else 5
+    stored = _timing.start(args, write_docs)
+    if stored is not None:
+        return stored
     if args.tiny:
         args.warmup = min(args.warmup, 1)
     if args.profile:
@@ -229,10 +206,7 @@ def main(argv=None) -> dict:
             profile_family(args, family)
         return {}
     results = {
-        "benchmark": "cost",
-        "command": "python benchmarks/cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": common.machine_info(args.device),
+        **_timing.results_header("cost", argv, args.device),
         "settings": {
             "device": args.device,
             "dtype": args.dtype,
@@ -249,15 +223,7 @@ def main(argv=None) -> dict:
         results["families"][family] = measure_family(args, family)
         if args.output:
             common.write_json(args.output, results)
-    results["seconds"] = time.perf_counter() - start
-    results["machine"]["load_average_end"] = common.os.getloadavg()
-    if args.output:
-        common.write_json(args.output, results)
-    print(ratio_table(results))
-    print(absolute_table(results))
-    if common.updates_docs(args):
-        write_docs(results)
-    return results
+    return _timing.finish(args, results, start, (ratio_table, absolute_table), write_docs)
 
 
 # ------------------------------------------------------------------------------------------------ reporting

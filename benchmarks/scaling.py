@@ -13,13 +13,10 @@ after warm-up) and each one's peak training memory is measured in a fresh proces
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
-import json
-import sys
 import time
 from pathlib import Path
 
+import _timing  # imports common first, which must come before torch (see below)
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 from tqdm.auto import tqdm
 
@@ -48,11 +45,7 @@ SWEEPS = {
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(parser)
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="Timed rounds per point (default 5; 3 with --quick)."
-    )
-    parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds first (default 1).")
-    parser.add_argument("--no-memory", action="store_true", help="Skip the peak-memory measurements.")
+    _timing.add_rounds_arguments(parser, repeats_help="Timed rounds per point (default 5; 3 with --quick).", warmup=1)
     parser.add_argument(
         "--from-json", type=Path, help="Regenerate the docs table and plot from this results file only."
     )
@@ -61,20 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def measure_point(args, family: str, batch_size: int, size: int) -> dict:
     """TOAST and LoRA at one shape: interleaved step timings in this process, peak memory in fresh processes."""
-    specs = {
-        method: common.CostSpec(
-            family=family,
-            method=method,
-            batch_size=batch_size,
-            size=size,
-            model=args.vision_model if family == "vision" else args.text_model,
-            tiny=args.tiny,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            threads=args.threads,
-        )
-        for method in METHODS
-    }
+    specs = {method: _timing.cost_spec(args, family, method, batch_size, size) for method in METHODS}
     workloads = {}
     for method, spec in specs.items():
         model, batch = common.build_cost_model(spec)
@@ -87,25 +67,18 @@ def measure_point(args, family: str, batch_size: int, size: int) -> dict:
     for method, spec in specs.items():
         point[method] = {"seconds": timings[method], "median_seconds": common.median(timings[method])}
         if not args.no_memory:
-            point[method].update(common.measure_peak_memory(dataclasses.replace(spec, warmup=0, repeats=2)))
+            point[method].update(_timing.peak_training_memory(spec))
     return point
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.from_json:
-        results = json.loads(args.from_json.read_text())
-        write_docs(results)
-        return results
-    common.setup(args)
-    if args.repeats is None:
-        args.repeats = 3 if (args.quick or args.tiny) else 5
+    stored = _timing.start(args, write_docs)
+    if stored is not None:
+        return stored
     sweeps = SWEEPS["tiny" if args.tiny else "quick" if args.quick else "full"]
     results = {
-        "benchmark": "scaling",
-        "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": common.machine_info(),
+        **_timing.results_header("scaling", argv),
         "settings": {"repeats": args.repeats, "warmup": args.warmup, "tiny": args.tiny, "quick": args.quick},
         "sweeps": {},
     }
@@ -120,14 +93,7 @@ def main(argv=None) -> dict:
                 progress.update()
                 if args.output:
                     common.write_json(args.output, results)
-    results["seconds"] = time.perf_counter() - start
-    results["machine"]["load_average_end"] = common.os.getloadavg()
-    if args.output:
-        common.write_json(args.output, results)
-    print(table(results))
-    if common.updates_docs(args):
-        write_docs(results)
-    return results
+    return _timing.finish(args, results, start, (table,), write_docs)
 
 
 def table(results: dict) -> str:
