@@ -611,6 +611,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def cli_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The parser of `python -m peft_toast.<command>` (`calibrate` or `pretune`), with the arguments that they share
+    (`add_data_arguments`)."""
+    parser = argparse.ArgumentParser(prog=f"python -m peft_toast.{command}", description=description)
+    add_data_arguments(parser)
+    return parser
+
+
 def toast_config_from_args(args: argparse.Namespace, **fields) -> ToastConfig:
     """The `ToastConfig` that the arguments of `add_data_arguments` describe, plus `fields`."""
     return ToastConfig(
@@ -618,13 +626,23 @@ def toast_config_from_args(args: argparse.Namespace, **fields) -> ToastConfig:
     )
 
 
+def model_and_processor_from_args(args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    """`--model` and its processor, with torch seeded by `--seed` first (the adapter's initial values)."""
+    torch.manual_seed(args.seed)
+    return load_model_and_processor(args.model)
+
+
+def examples_from_args(args: argparse.Namespace) -> list:
+    """The examples that `--data`, `--num-samples`, `--seed`, `--split` and `--column` select (`load_examples`)."""
+    return load_examples(args.data, args.num_samples, seed=args.seed, split=args.split, column=args.column)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> CalibrationResult:
-    parser = argparse.ArgumentParser(
-        prog="python -m peft_toast.calibrate",
-        description="Calibrate the down-maps of a TOAST adapter in closed form (one pass of the frozen model over "
-        "calibration data) and save it as an ordinary TOAST adapter folder.",
+    parser = cli_parser(
+        "calibrate",
+        "Calibrate the down-maps of a TOAST adapter in closed form (one pass of the frozen model over calibration "
+        "data) and save it as an ordinary TOAST adapter folder.",
     )
-    add_data_arguments(parser)
     parser.add_argument(
         "--ridge",
         type=float,
@@ -634,11 +652,9 @@ def main(argv: Optional[Sequence[str]] = None) -> CalibrationResult:
     args = parser.parse_args(argv)
     from peft import get_peft_model
 
-    torch.manual_seed(args.seed)
-    base_model, processor = load_model_and_processor(args.model)
+    base_model, processor = model_and_processor_from_args(args)
     peft_model = get_peft_model(base_model, toast_config_from_args(args))
-    examples = load_examples(args.data, args.num_samples, seed=args.seed, split=args.split, column=args.column)
-    batches = make_batches(examples, processor, batch_size=args.batch_size, max_length=args.max_length)
+    batches = make_batches(examples_from_args(args), processor, batch_size=args.batch_size, max_length=args.max_length)
     result = calibrate_feedback(peft_model, batches, ridge=args.ridge)
     atomic_save_pretrained(peft_model, args.output)
     print(

@@ -20,7 +20,6 @@ The objective depends on the model:
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import time
@@ -35,11 +34,11 @@ from tqdm.auto import tqdm
 from .architectures import resolve_architecture
 from .calibrate import (
     DEFAULT_RIDGE,
-    add_data_arguments,
     calibrate_feedback,
-    load_examples,
-    load_model_and_processor,
+    cli_parser,
+    examples_from_args,
     make_batches,
+    model_and_processor_from_args,
     toast_config_from_args,
 )
 from .io import atomic_save_pretrained
@@ -114,12 +113,11 @@ def pretune_top_down(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> PretuneResult:
-    parser = argparse.ArgumentParser(
-        prog="python -m peft_toast.pretune",
-        description="Pre-tune the top-down path of a TOAST adapter on generic unlabelled data (LM loss + variational "
-        "loss for causal LMs, the variational loss alone for encoders) and save it as a TOAST adapter folder.",
+    parser = cli_parser(
+        "pretune",
+        "Pre-tune the top-down path of a TOAST adapter on generic unlabelled data (LM loss + variational loss for "
+        "causal LMs, the variational loss alone for encoders) and save it as a TOAST adapter folder.",
     )
-    add_data_arguments(parser)
     parser.add_argument(
         "--max-steps", type=int, default=None, help="Optimizer steps (default: one pass over the data)."
     )
@@ -139,16 +137,14 @@ def main(argv: Optional[Sequence[str]] = None) -> PretuneResult:
     args = parser.parse_args(argv)
     from peft import get_peft_model
 
-    torch.manual_seed(args.seed)
-    base_model, processor = load_model_and_processor(args.model)
+    base_model, processor = model_and_processor_from_args(args)
     causal = resolve_architecture(base_model).causal
     weight = args.variational_loss_weight
     if weight is None:
         weight = 0.01 if causal else 0.1
     peft_model = get_peft_model(base_model, toast_config_from_args(args, variational_loss_weight=weight))
-    examples = load_examples(args.data, args.num_samples, seed=args.seed, split=args.split, column=args.column)
     batches = make_batches(
-        examples, processor, batch_size=args.batch_size, max_length=args.max_length, with_labels=causal
+        examples_from_args(args), processor, batch_size=args.batch_size, max_length=args.max_length, with_labels=causal
     )
     if args.calibrate_first:
         calibrate_feedback(peft_model, batches, ridge=DEFAULT_RIDGE)
