@@ -77,12 +77,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(CASES))
-def test_unregularised_calibration_equals_lstsq(kind):
+def _case(kind):
+    """The tiny base model of `CASES[kind]`, its batches, and their tokens per block (`_direct_tokens`)."""
     factory, make_batches_ = CASES[kind]
     base = factory()
     batches = make_batches_()
-    tokens = _direct_tokens(base, batches)
+    return base, batches, _direct_tokens(base, batches)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_unregularised_calibration_equals_lstsq(kind):
+    base, batches, tokens = _case(kind)
     model = get_peft_model(base, ToastConfig())
     result = calibrate_feedback(model, batches, ridge=0.0, progress=False)
 
@@ -97,10 +102,7 @@ def test_unregularised_calibration_equals_lstsq(kind):
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_ridge_calibration_equals_augmented_lstsq(kind):
     """The ridge pulls towards the identity: min ||X A^T - Y||^2 + lambda ||A - I||^2 is least squares on [X; sqrt(l) I]."""
-    factory, make_batches_ = CASES[kind]
-    base = factory()
-    batches = make_batches_()
-    tokens = _direct_tokens(base, batches)
+    base, batches, tokens = _case(kind)
     model = get_peft_model(base, ToastConfig())
     ridge = 0.05
     calibrate_feedback(model, batches, ridge=ridge, progress=False)
@@ -193,10 +195,7 @@ def _block_statistics(h_out, h_in):
 
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_low_rank_calibration_is_the_best_rank_r_map(kind):
-    factory, make_batches_ = CASES[kind]
-    base = factory()
-    batches = make_batches_()
-    tokens = _direct_tokens(base, batches)
+    base, batches, tokens = _case(kind)
     rank, ridge = 3, 1e-3
     model = get_peft_model(base, ToastConfig(feedback_rank=rank))
     calibrate_feedback(model, batches, ridge=ridge, progress=False)
@@ -344,6 +343,13 @@ def _maps(model) -> dict[tuple[int, str], torch.Tensor]:
     }
 
 
+def _assert_same_maps(model, reference) -> None:
+    got, expected = _maps(model), _maps(reference)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key])
+
+
 @pytest.fixture
 def calibrated_vit_backbone(tmp_path):
     """A calibrated (and then perturbed, so that every tensor is distinctive) adapter on a headless `ViTModel`."""
@@ -365,10 +371,7 @@ def test_load_initialisation_starts_a_new_head_from_a_backbone_adapter(calibrate
     model = load_initialisation(new_task, folder)
     assert model.peft_config["default"].variational_loss_weight == 0.0  # transfer: pre-tuning's loss is off
 
-    saved_maps, loaded_maps = _maps(saved), _maps(model)
-    assert saved_maps.keys() == loaded_maps.keys()
-    for key in saved_maps:
-        torch.testing.assert_close(loaded_maps[key], saved_maps[key])
+    _assert_same_maps(model, saved)
     torch.testing.assert_close(model.base_model.toast_prompt["default"], saved.base_model.toast_prompt["default"])
     # A fresh 5-class head, trained and saved with the adapter.
     head = model.base_model.model.classifier
@@ -407,10 +410,7 @@ def test_load_initialisation_from_a_causal_lm_into_a_classifier(tiny_llama_folde
     main(["--model", str(folder), "--data", str(text), "--num-samples", "6", "--output", str(output)])
     saved = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder), output)
     model = load_initialisation(LlamaForSequenceClassification.from_pretrained(folder, num_labels=2), output)
-    saved_maps, loaded_maps = _maps(saved), _maps(model)
-    assert saved_maps.keys() == loaded_maps.keys()
-    for key in saved_maps:
-        torch.testing.assert_close(loaded_maps[key], saved_maps[key])
+    _assert_same_maps(model, saved)
     assert model.base_model.model.score.modules_to_save["default"].weight.shape == (2, 32)
 
 
