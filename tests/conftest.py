@@ -105,6 +105,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole module, whatever PEFT_TOAST_TEST_THREADS says, restored for the other modules: tiny
+    models gain nothing from intra-op threads, and on a loaded machine their hand-offs cost 30x the matmuls. A module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def torch_threads():
     """Use every core for the duration of a (slow, real-model) test."""

@@ -21,13 +21,7 @@ GRADIENT_TOLERANCE = {"atol": 1e-7, "rtol": 1e-6}
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads; on a loaded machine their hand-offs cost 30x the matmuls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_base(kind: str, dtype: torch.dtype = torch.float32):
