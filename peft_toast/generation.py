@@ -18,6 +18,7 @@ from typing import Optional
 from transformers.cache_utils import Cache, DynamicCache
 
 PASS1_CACHE_ATTR = "_toast_pass1_cache"
+ADAPTER_ATTR = "_toast_adapter_name"  # on the pass-1 cache: the adapter whose signals filled the main cache
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
 # Cache methods that change which sequences/positions the cache holds; pass 1 must follow each of them.
 _MIRRORED_METHODS = (
@@ -61,12 +62,13 @@ def _mirrored(method, name: str):
     return mirrored
 
 
-def prepare_pass1_cache(model, kwargs: dict, cache_argument: str) -> tuple[str, Optional[Cache]]:
-    """Return `(argument name, pass-1 cache)` for a causal-LM call with keyword arguments `kwargs`.
+def prepare_pass1_cache(model, kwargs: dict, cache_argument: str, adapter_name: str) -> tuple[str, Optional[Cache]]:
+    """Return `(argument name, pass-1 cache)` for a causal-LM call of adapter `adapter_name` with keyword arguments
+    `kwargs`.
 
     A fresh pass-1 cache is made when the main cache is new (empty) or when the model will create one itself
-    (`use_cache` in eval mode); a main cache that already holds tokens without a pass-1 cache cannot be continued
-    exactly and raises.
+    (`use_cache` in eval mode). A main cache that already holds tokens cannot be continued exactly, and raises, when it
+    has no pass-1 cache (the base model filled it) or when another adapter filled it.
     """
     name = next((n for n in CACHE_ARGUMENT_NAMES if kwargs.get(n) is not None), cache_argument)
     main_cache = kwargs.get(name)
@@ -76,7 +78,7 @@ def prepare_pass1_cache(model, kwargs: dict, cache_argument: str) -> tuple[str, 
             use_cache = getattr(model.config, "use_cache", False)
         if not use_cache or model.training:
             return name, None
-        return name, DynamicCache(config=model.config)
+        return name, _tagged(DynamicCache(config=model.config), adapter_name)
     if not isinstance(main_cache, Cache):
         raise TypeError(
             f"TOAST needs a transformers `Cache` object as `{name}`, got {type(main_cache).__name__}. Legacy tuple "
@@ -92,7 +94,32 @@ def prepare_pass1_cache(model, kwargs: dict, cache_argument: str) -> tuple[str, 
             )
         pass1_cache = copy.deepcopy(main_cache)
         attach_pass1_cache(main_cache, pass1_cache)
-    return name, pass1_cache
+    elif main_cache.get_seq_length() > 0 and getattr(pass1_cache, ADAPTER_ATTR, adapter_name) != adapter_name:
+        raise ValueError(
+            f"This cache was filled by the TOAST adapter {getattr(pass1_cache, ADAPTER_ATTR)!r}, not by the active "
+            f"adapter {adapter_name!r}: its keys and values carry the other adapter's signals, so continuing it cannot "
+            f"be exact. Start from an empty cache, or `set_adapter({getattr(pass1_cache, ADAPTER_ATTR)!r})` first."
+        )
+    return name, _tagged(pass1_cache, adapter_name)
+
+
+def refuse_toast_filled_cache(kwargs: dict) -> None:
+    """With the adapter disabled: refuse a main cache that TOAST filled (its keys and values are steered, so the base
+    model continuing it would mix steered and unsteered positions)."""
+    for name in CACHE_ARGUMENT_NAMES:
+        main_cache = kwargs.get(name)
+        if isinstance(main_cache, Cache) and get_pass1_cache(main_cache) is not None and main_cache.get_seq_length():
+            raise ValueError(
+                f"This cache was filled by the TOAST adapter "
+                f"{getattr(get_pass1_cache(main_cache), ADAPTER_ATTR, '?')!r}, but adapters are disabled now: the base "
+                f"model would attend to steered keys and values, which is neither the base model nor TOAST. Start "
+                f"from an empty cache under `disable_adapter()`, or continue this one with the adapter enabled."
+            )
+
+
+def _tagged(pass1_cache: Cache, adapter_name: str) -> Cache:
+    setattr(pass1_cache, ADAPTER_ATTR, adapter_name)
+    return pass1_cache
 
 
 def attach_to_output(output, pass1_cache: Optional[Cache]) -> None:

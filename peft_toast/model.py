@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache
 
 from .architectures import ResolvedArchitecture, dims_mismatch, model_dims, resolve_architecture
 from .config import ToastConfig
-from .generation import CACHE_ARGUMENT_NAMES, attach_to_output, prepare_pass1_cache
+from .generation import CACHE_ARGUMENT_NAMES, attach_to_output, prepare_pass1_cache, refuse_toast_filled_cache
 from .layer import ToastLayer, value_input_features
 from .state import CallState, Pass1Done, checkpoint_with_signals, current_state, pop_state, push_state, use_state
 from .topdown import FeedbackMap, feedback_chain, token_selection
@@ -99,7 +99,7 @@ class ToastModel(BaseTuner):
                 f"This TOAST adapter was made for a different base model ({'; '.join(mismatch)}): even where its "
                 f"tensors fit, it will not do what it was trained to do. Load it onto the model it was made for, or "
                 f"load it with `peft_toast.load_toast_adapter`, which refuses such a load.",
-                stacklevel=2
+                stacklevel=2,
             )
         peft_config.base_model_dims = dims
         return peft_config
@@ -194,13 +194,17 @@ class ToastModel(BaseTuner):
         given_features = kwargs.pop(FEATURES_ARGUMENT, None)
         adapter_name = self._active_toast_adapter()
         if adapter_name is None:
+            if self._toast_architecture.causal:
+                refuse_toast_filled_cache(kwargs)
             return None if given_features is None else (args, kwargs)
         _check_inputs(self.toast_prompt[adapter_name], args, kwargs)
         self._wrap_gradient_checkpointing()
         architecture = self._toast_architecture
         pass1_kwargs = {key: value for key, value in kwargs.items() if key not in _PASS2_ONLY_ARGUMENTS}
         if architecture.causal and given_features is None:
-            cache_name, state.pass1_cache = prepare_pass1_cache(self.model, kwargs, self._toast_cache_argument)
+            cache_name, state.pass1_cache = prepare_pass1_cache(
+                self.model, kwargs, self._toast_cache_argument, adapter_name
+            )
             for name in ("cache", "past_key_values"):
                 pass1_kwargs.pop(name, None)
             if state.pass1_cache is not None:
@@ -275,7 +279,9 @@ class ToastModel(BaseTuner):
             selected = self.toast_channel[adapter_name](selected)
         layers = self._toast_layers(adapter_name)
         down_maps = [layer.toast_down[adapter_name] for layer in layers]
-        readouts = [layer.toast_readout[adapter_name] if adapter_name in layer.toast_readout else None for layer in layers]
+        readouts = [
+            layer.toast_readout[adapter_name] if adapter_name in layer.toast_readout else None for layer in layers
+        ]
         signals = feedback_chain(selected, down_maps, readouts)
         return {layer: signal for layer, signal in zip(layers, signals) if signal is not None}, gates
 
@@ -408,7 +414,9 @@ class ToastModel(BaseTuner):
             "`unload()` to get the plain base model back."
         )
 
-    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None
+    ):
         if merge:
             self._check_merge_allowed()  # raise before anything is touched
         self._remove_toast_hooks()
@@ -437,7 +445,9 @@ def _normalise_layers(layers: Optional[list[int]], num_blocks: int) -> set[int]:
 
 def _default_head(model: nn.Module) -> list[str]:
     """The task head of a transformers classification model, or nothing for other models."""
-    if not type(model).__name__.endswith(("ForImageClassification", "ForSequenceClassification", "ForTokenClassification")):
+    if not type(model).__name__.endswith(
+        ("ForImageClassification", "ForSequenceClassification", "ForTokenClassification")
+    ):
         return []
     return [name for name in CLASSIFICATION_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
 
@@ -490,7 +500,12 @@ def _check_feature(features: torch.Tensor, attention_mask: Optional[torch.Tensor
         return
     bad = ~torch.isfinite(features).all(dim=-1)  # (B, N)
     mask = attention_mask
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == bad.shape[0] and mask.shape[1] >= bad.shape[1]:
+    if (
+        isinstance(mask, torch.Tensor)
+        and mask.dim() == 2
+        and mask.shape[0] == bad.shape[0]
+        and mask.shape[1] >= bad.shape[1]
+    ):
         bad &= mask[:, -bad.shape[1] :].to(device=bad.device, dtype=torch.bool)  # padding may be anything
     if bad.any():
         rows = sorted(set(bad.nonzero()[:, 0].tolist()))

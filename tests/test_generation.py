@@ -313,6 +313,34 @@ def test_continuing_a_base_model_cache_raises(llama_lm):
         llama_lm(input_ids=prompt(length=1, seed=1), cache=base_cache)
 
 
+def test_continuing_a_toast_cache_with_adapters_disabled_raises(llama_lm):
+    input_ids = prompt()
+    with torch.no_grad():
+        toast_cache = llama_lm(input_ids=input_ids, use_cache=True).cache
+        with llama_lm.disable_adapter(), pytest.raises(ValueError, match="adapters are disabled now"):
+            llama_lm(input_ids=prompt(length=1, seed=1), cache=toast_cache)
+        # The refusal left the cache intact: TOAST still continues it exactly.
+        step = llama_lm(input_ids=prompt(length=1, seed=1), cache=toast_cache).logits[:, -1]
+        full = llama_lm(input_ids=torch.cat([input_ids, prompt(length=1, seed=1)], dim=1)).logits[:, -1]
+    torch.testing.assert_close(step, full, **LOGITS_TOLERANCE)
+
+
+def test_continuing_another_adapters_cache_raises():
+    model = get_peft_model(DECODERS["llama"](), ToastConfig(task_type="CAUSAL_LM"), adapter_name="first")
+    model.add_adapter("second", ToastConfig(task_type="CAUSAL_LM"))
+    model.eval()
+    with torch.no_grad():
+        cache = model(input_ids=prompt(), use_cache=True).cache
+        model.set_adapter("second")
+        with pytest.raises(
+            ValueError, match="filled by the TOAST adapter 'first', not by the active adapter 'second'"
+        ):
+            model(input_ids=prompt(length=1, seed=1), cache=cache)
+        cache.reset()  # an empty cache belongs to nobody
+        model(input_ids=prompt(), cache=cache)
+    assert get_pass1_cache(cache).get_seq_length() == cache.get_seq_length() == prompt().shape[1]
+
+
 def test_legacy_tuple_cache_raises(llama_lm):
     keys = torch.zeros(2, 2, 3, 8)  # (B, kv heads, N, head dim)
     legacy = tuple((keys, keys) for _ in range(llama_lm.config.num_hidden_layers))
