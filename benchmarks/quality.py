@@ -26,6 +26,7 @@ import datetime
 import json
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -295,7 +296,7 @@ def plot(results: dict) -> None:
         )
         axis.set_xticks(range(len(records)))
         axis.set_xticklabels(
-            [record["label"].replace(" (", "\n(").replace(", ", ",\n") for record in records], fontsize=7
+            [textwrap.fill(record["label"], 14, break_long_words=False) for record in records], fontsize=7
         )
         low = min(m - s for m, s in zip(means, stds))
         axis.set_ylim(max(0, min(low, 100 * task["majority_class_test_accuracy"]) - 5), 100)
@@ -303,7 +304,7 @@ def plot(results: dict) -> None:
         axis.set_title(f"{task['model']}\n{task['description']}", fontsize=8)
         axis.legend(fontsize=7, loc="lower right")
     figure.suptitle(
-        "Same data, same steps, best of a 3-value lr sweep each; mean ± std over seeds (2-core CPU, shared, fp32)",
+        "Same data, same steps, best of a 3-value lr sweep each; mean ± std over seeds (2-core CPU, fp32)",
         fontsize=8,
     )
     figure.tight_layout()
