@@ -308,7 +308,10 @@ def shapes_caption(results: dict) -> str:
             text += f"; generation batch 1, {generate['size']}-token prompt, {generate['new_tokens']} new tokens"
         parts.append(text)
     settings = results["settings"]
-    where = results["machine"].get("gpu") or f"{results['machine']['cpu_count']}-core CPU, shared"
+    where = (
+        results["machine"].get("gpu")
+        or f"{results['machine']['cpu_count']}-core CPU ({results['machine'].get('cpu', 'unknown')})"
+    )
     return (
         f"{where}, {settings['dtype']}, {results['machine']['torch_threads']} threads; {'; '.join(parts)}. "
         f"Median of {settings['repeats']} rounds after {settings['warmup']} warm-up rounds; load average "

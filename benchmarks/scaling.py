@@ -131,7 +131,7 @@ def table(results: dict) -> str:
 
 def write_docs(results: dict) -> None:
     caption = (
-        f"{results['machine']['cpu_count']}-core CPU, shared, fp32, {results['machine']['torch_threads']} threads; "
+        f"{results['machine']['cpu_count']}-core CPU, fp32, {results['machine']['torch_threads']} threads; "
         f"median of {results['settings']['repeats']} interleaved steps after {results['settings']['warmup']} "
         f"warm-up; load average {results['machine']['load_average'][0]:.1f} at the start, "
         f"{results['machine']['load_average_end'][0]:.1f} at the end. Run {results['started']}."
@@ -165,7 +165,7 @@ def plot(results: dict) -> None:
             axis.set_xticks(values)
             axis.grid(alpha=0.3)
             axis.legend(fontsize=7)
-    figure.suptitle("TOAST vs LoRA: training step time and memory (2-core CPU, shared, fp32)", fontsize=9)
+    figure.suptitle("TOAST vs LoRA: training step time and memory (2-core CPU, fp32)", fontsize=9)
     figure.tight_layout()
     common.save_figure(figure, "scaling.png")
     plt.close(figure)
