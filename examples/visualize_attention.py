@@ -63,15 +63,27 @@ from peft_toast.visualize import (
 def parse_args(argv=None) -> argparse.Namespace:
     parser = example_parser(__doc__)
     parser.add_argument("--text", action="store_true", help="Text (tweet sentiment) instead of images.")
-    parser.add_argument("--model", default=None, help="Hub id or local folder of the base model (default: offline "
-                        "DINOv2-small as a ViT at 112 px; with --text, offline SmolLM2-135M).")
-    parser.add_argument("--adapter", default=None, help="A saved TOAST adapter folder for --model. Without it, a quick "
-                        "adapter is trained and saved in --output_dir/adapter.")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hub id or local folder of the base model (default: offline "
+        "DINOv2-small as a ViT at 112 px; with --text, offline SmolLM2-135M).",
+    )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="A saved TOAST adapter folder for --model. Without it, a quick "
+        "adapter is trained and saved in --output_dir/adapter.",
+    )
     parser.add_argument("--output_dir", default="outputs/visualize-attention")
     parser.add_argument("--eval_size", type=int, default=64, help="Test examples the numbers are averaged over.")
     parser.add_argument("--num_figure", type=int, default=4, help="Images in the figure (text: the figure shows one).")
-    parser.add_argument("--object_threshold", type=float, default=0.2, help="A patch shows the object when its mean "
-                        "pixel value (in [0, 1]) is above this.")
+    parser.add_argument(
+        "--object_threshold",
+        type=float,
+        default=0.2,
+        help="A patch shows the object when its mean pixel value (in [0, 1]) is above this.",
+    )
     parser.add_argument("--train_steps", type=int, default=40, help="Steps of the quick adapter.")
     parser.add_argument("--train_size", type=int, default=640, help="Training examples of the quick adapter.")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -123,7 +135,9 @@ def run_images(args: argparse.Namespace) -> dict:
     for chunk in tqdm(list(batches(test["image"], args.batch_size)), desc="attention maps"):
         pixel_values = image_processor([image.convert("RGB") for image in chunk], return_tensors="pt")["pixel_values"]
         chunks.append(image_attention_maps(model, pixel_values))  # each map (B, rows, cols)
-    maps = ImageAttentionMaps(*(torch.cat([getattr(c, name) for c in chunks]) for name in ("frozen", "toast", "gates")))
+    maps = ImageAttentionMaps(
+        *(torch.cat([getattr(c, name) for c in chunks]) for name in ("frozen", "toast", "gates"))
+    )
     masks = object_mask(torch.from_numpy(images), tuple(maps.frozen.shape[1:]), args.object_threshold)
 
     entropy = {name: attention_entropy(getattr(maps, name)) for name in ("frozen", "toast")}
@@ -145,16 +159,27 @@ def run_images(args: argparse.Namespace) -> dict:
     figure = os.path.join(args.output_dir, "attention_vit.png")
     k = args.num_figure
     with atomic_file(figure, "wb") as f:
-        plot_image_attention(images[:k], ImageAttentionMaps(maps.frozen[:k], maps.toast[:k], maps.gates[:k]), f,
-                             masks=masks[:k], labels=[label_names[label] for label in test["label"][:k]])
-    print(f"CLS attention in the last block over {len(images)} Fashion-MNIST test images "
-          f"({results['patches']} patches each; {results['object_share_of_patches']:.0%} of them on the object):")
+        plot_image_attention(
+            images[:k],
+            ImageAttentionMaps(maps.frozen[:k], maps.toast[:k], maps.gates[:k]),
+            f,
+            masks=masks[:k],
+            labels=[label_names[label] for label in test["label"][:k]],
+        )
+    print(
+        f"CLS attention in the last block over {len(images)} Fashion-MNIST test images "
+        f"({results['patches']} patches each; {results['object_share_of_patches']:.0%} of them on the object):"
+    )
     print(f"  entropy (nats)        frozen {results['entropy_frozen']:.3f}   TOAST {results['entropy_toast']:.3f}")
-    print(f"  attention on object   frozen {results['mass_on_object_frozen']:.1%}   TOAST "
-          f"{results['mass_on_object_toast']:.1%}   (more on the object in "
-          f"{results['share_of_images_more_on_object']:.0%} of the images)")
-    print(f"  mean token gate       object {results['mean_gate_object']:.3f}   background "
-          f"{results['mean_gate_background']:.3f}")
+    print(
+        f"  attention on object   frozen {results['mass_on_object_frozen']:.1%}   TOAST "
+        f"{results['mass_on_object_toast']:.1%}   (more on the object in "
+        f"{results['share_of_images_more_on_object']:.0%} of the images)"
+    )
+    print(
+        f"  mean token gate       object {results['mean_gate_object']:.3f}   background "
+        f"{results['mean_gate_background']:.3f}"
+    )
     return finish(results, figure, args.output_dir, "attention_vit.json")
 
 
@@ -173,7 +198,9 @@ def run_text(args: argparse.Namespace) -> dict:
 
     def load_base():
         base = AutoModelForSequenceClassification.from_pretrained(
-            args.model, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            args.model,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
         )
         base.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last token before the padding

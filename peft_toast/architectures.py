@@ -165,7 +165,8 @@ def _get(root: nn.Module, path: str, model_type: str, what: str) -> nn.Module:
         return root.get_submodule(path)
     except AttributeError:
         raise ValueError(
-            f"TOAST's `{what}` path {path!r} does not exist in model type {model_type!r}. " + _how_to_declare(model_type)
+            f"TOAST's `{what}` path {path!r} does not exist in model type {model_type!r}. "
+            + _how_to_declare(model_type)
         ) from None
 
 
@@ -179,7 +180,11 @@ def _match_targets(model: nn.Module, block_names: list[str], target_modules) -> 
             self.layers_to_transform = None
             self.layers_pattern = None
 
-    matched = [name for name, _ in model.named_modules() if name and check_target_module_exists(_Targets(target_modules), name)]
+    matched = [
+        name
+        for name, _ in model.named_modules()
+        if name and check_target_module_exists(_Targets(target_modules), name)
+    ]
     per_block = []
     for block_name in block_names:
         inside = [name for name in matched if name.startswith(block_name + ".")]
@@ -212,7 +217,9 @@ def _inspect(backbone: nn.Module, model_type: str) -> ToastArchitecture:
         and any(isinstance(m, nn.Linear) for m in module[0].modules())
     ]
     if not stacks:
-        raise ValueError(f"TOAST found no stack of transformer blocks in model type {model_type!r}. " + _how_to_declare(model_type))
+        raise ValueError(
+            f"TOAST found no stack of transformer blocks in model type {model_type!r}. " + _how_to_declare(model_type)
+        )
     stack = max(stacks, key=len)
     block = stack[0]
     value = None
@@ -223,7 +230,8 @@ def _inspect(backbone: nn.Module, model_type: str) -> ToastArchitecture:
     if value is None:
         raise ValueError(
             f"TOAST found no value projection (a Linear named one of {VALUE_PROJECTION_NAMES}) in the blocks of model "
-            f"type {model_type!r}; fused query/key/value projections need a declaration. " + _how_to_declare(model_type)
+            f"type {model_type!r}; fused query/key/value projections need a declaration. "
+            + _how_to_declare(model_type)
         )
     causal = any(getattr(module, "is_causal", False) is True for module in block.modules())
     final_norm = None

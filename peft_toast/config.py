@@ -187,7 +187,11 @@ class ToastConfig(PeftConfig):
                 f"`variational_loss_weight` must be a finite number >= 0 (0 disables it), got "
                 f"{self.variational_loss_weight!r}."
             )
-        if not isinstance(self.cosine_eps, (int, float)) or isinstance(self.cosine_eps, bool) or not 0 < self.cosine_eps < float("inf"):
+        if (
+            not isinstance(self.cosine_eps, (int, float))
+            or isinstance(self.cosine_eps, bool)
+            or not 0 < self.cosine_eps < float("inf")
+        ):
             raise ValueError(f"`cosine_eps` must be a finite positive number such as 1e-6, got {self.cosine_eps!r}.")
         if self.modules_to_save is not None and (
             not isinstance(self.modules_to_save, (list, tuple))

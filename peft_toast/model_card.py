@@ -145,7 +145,11 @@ def card_section(model: PeftModel, adapter_id: Optional[str] = None) -> str:
     for name in names:
         config = model.peft_config[name]
         counts = adapter_parameter_counts(model, name)
-        head = f", of which {counts['head']:,} in the task head ({', '.join(config.modules_to_save)})" if counts["head"] else ""
+        head = (
+            f", of which {counts['head']:,} in the task head ({', '.join(config.modules_to_save)})"
+            if counts["head"]
+            else ""
+        )
         lines += [
             "",
             "### Settings" if len(names) == 1 else f"### Adapter `{name}` ({_location(name)})",

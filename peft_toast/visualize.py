@@ -108,9 +108,7 @@ def eager_attention(model: PeftModel):
 
 
 @torch.no_grad()
-def last_block_attention(
-    model: PeftModel, inputs: dict, query_index: Union[int, torch.Tensor] = 0
-) -> torch.Tensor:
+def last_block_attention(model: PeftModel, inputs: dict, query_index: Union[int, torch.Tensor] = 0) -> torch.Tensor:
     """The last block's attention of the token at `query_index` (an int, or one position per row) to every token,
     averaged over heads, `(B, N)`, with the adapters as they are now (enabled, or disabled by `disable_adapter()`)."""
     with eager_attention(model):
@@ -237,7 +235,11 @@ def plot_image_attention(
 
     images = np.asarray(images, dtype=np.float32)
     entropy = {name: attention_entropy(getattr(maps, name)) for name in ("frozen", "toast")}
-    mass = {name: attention_mass(getattr(maps, name), masks) for name in ("frozen", "toast")} if masks is not None else None
+    mass = (
+        {name: attention_mass(getattr(maps, name), masks) for name in ("frozen", "toast")}
+        if masks is not None
+        else None
+    )
     num_rows = images.shape[0]
     figure, axes = plt.subplots(num_rows, 4, figsize=(10, 2.6 * num_rows + 0.4), squeeze=False)
     for row in range(num_rows):
@@ -254,8 +256,13 @@ def plot_image_attention(
             if heatmap is not None:
                 is_gate = name is None
                 ax.imshow(
-                    heatmap.numpy(), cmap="viridis" if is_gate else "inferno", alpha=0.65, extent=extent,
-                    interpolation="nearest", vmin=0, vmax=1 if is_gate else float(heatmap.max()),
+                    heatmap.numpy(),
+                    cmap="viridis" if is_gate else "inferno",
+                    alpha=0.65,
+                    extent=extent,
+                    interpolation="nearest",
+                    vmin=0,
+                    vmax=1 if is_gate else float(heatmap.max()),
                 )
                 if masks is not None:  # outline the object's patches along their edges
                     fine = np.kron(masks[row].float().numpy(), np.ones((16, 16)))  # each patch as 16 x 16 cells
@@ -324,4 +331,3 @@ def plot_text_attention(
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=110)
     plt.close(figure)
-

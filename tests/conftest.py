@@ -30,7 +30,9 @@ _ENCODER = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_head
 
 
 def make_vit(num_labels: int = NUM_LABELS, with_head: bool = True, **overrides):
-    config = transformers.ViTConfig(image_size=IMAGE, patch_size=PATCH, num_labels=num_labels, **{**_ENCODER, **overrides})
+    config = transformers.ViTConfig(
+        image_size=IMAGE, patch_size=PATCH, num_labels=num_labels, **{**_ENCODER, **overrides}
+    )
     cls = transformers.ViTForImageClassification if with_head else transformers.ViTModel
     return cls(config).eval()
 
@@ -48,7 +50,13 @@ def make_bert(with_head: bool = True, **overrides):
 
 def make_gpt2(**overrides):
     config = transformers.GPT2Config(
-        n_embd=HIDDEN, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=4,
+        vocab_size=VOCAB,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
         **overrides,
     )
     return transformers.GPT2LMHeadModel(config).eval()
@@ -56,8 +64,16 @@ def make_gpt2(**overrides):
 
 def _decoder_config(cls, **overrides):
     return cls(
-        hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=37, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=1, **overrides,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=37,
+        vocab_size=VOCAB,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **overrides,
     )
 
 

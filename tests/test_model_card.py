@@ -25,8 +25,11 @@ from peft_toast.model_card import (
     patch_peft_model,
 )
 
-TOAST_FIELDS = [field.name for field in dataclasses.fields(ToastConfig) if field.name not in
-                {f.name for f in dataclasses.fields(PeftConfig)}]
+TOAST_FIELDS = [
+    field.name
+    for field in dataclasses.fields(ToastConfig)
+    if field.name not in {f.name for f in dataclasses.fields(PeftConfig)}
+]
 
 
 @pytest.fixture
@@ -123,7 +126,9 @@ def test_saving_again_replaces_the_section_and_keeps_other_text(base_dir, tmp_pa
     model.save_pretrained(folder)
     assert read_card(folder) == first  # idempotent
 
-    (folder / "README.md").write_text(first.replace("# Model Card for Model ID", "# Model Card for Model ID\n\nMy notes."))
+    (folder / "README.md").write_text(
+        first.replace("# Model Card for Model ID", "# Model Card for Model ID\n\nMy notes.")
+    )
     model.peft_config["default"].cosine_eps = 1e-5  # a changed setting must show up, once
     model.save_pretrained(folder)
     card = read_card(folder)
@@ -248,9 +253,9 @@ def test_a_card_without_a_title_gets_the_section_on_top(base_dir, tmp_path):
 
     folder = tmp_path / "adapter"
     folder.mkdir()
-    ModelCard.from_template(ModelCardData(license="mit"), template_str="---\n{{ card_data }}\n---\nPlain text.\n").save(
-        folder / "README.md"
-    )
+    ModelCard.from_template(
+        ModelCardData(license="mit"), template_str="---\n{{ card_data }}\n---\nPlain text.\n"
+    ).save(folder / "README.md")
     update_model_card(toast_model(base_dir), str(folder))
     card = read_card(folder)
     assert ModelCard(card).data.license == "mit"

@@ -229,7 +229,9 @@ def test_loss_covers_the_responses_only():
 
     tokenizer = make_word_tokenizer()
     examples = [
-        example_utils.encode_instruction(tokenizer, example_utils.instruction_prompt(tokenizer, text), response, max_length=32)
+        example_utils.encode_instruction(
+            tokenizer, example_utils.instruction_prompt(tokenizer, text), response, max_length=32
+        )
         for text, response in (("w1 w2 w3 w4 w5", "negative"), ("w6", "positive w7"))
     ]
     batch = transformers.DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(examples)
@@ -268,7 +270,9 @@ def test_causal_lm_resume_from_latest_skips_a_half_written_checkpoint(tmp_path, 
     shutil.copytree(
         full / "checkpoint-4", crashed / "checkpoint-4", ignore=shutil.ignore_patterns("trainer_state.json")
     )
-    assert example_utils.last_checkpoint(str(crashed), example_utils.TRAINER_CHECKPOINT_MARKER) == str(crashed / "checkpoint-2")
+    assert example_utils.last_checkpoint(str(crashed), example_utils.TRAINER_CHECKPOINT_MARKER) == str(
+        crashed / "checkpoint-2"
+    )
 
     train_causal_lm.main(
         text_args(tiny_llama_dir, tiny_text_dataset_dir, output_dir=crashed, resume_from_checkpoint="latest")

@@ -73,7 +73,9 @@ def test_text_comparison_reads_the_last_real_token():
     for values in (comparison.frozen, comparison.toast, comparison.gates):
         assert values.shape == (2, 6)
     torch.testing.assert_close(comparison.frozen.sum(dim=1), torch.ones(2))
-    torch.testing.assert_close(comparison.frozen, reference_last_attention(frozen_copy, inputs, comparison.query_index))
+    torch.testing.assert_close(
+        comparison.frozen, reference_last_attention(frozen_copy, inputs, comparison.query_index)
+    )
     assert comparison.frozen[1, 4:].abs().max() == 0  # causal: nothing after the query token
     assert (comparison.toast - comparison.frozen).abs().max() > 1e-3
     # Gates: cosine of the last block's output (before the final norm) with the prompt, clipped to [0, 1].
@@ -145,8 +147,20 @@ def test_example_trains_saves_and_visualises_from_the_saved_folder(tmp_path):
     import visualize_attention
 
     results = visualize_attention.main(
-        ["--train_steps", "2", "--train_size", "32", "--batch_size", "8", "--eval_size", "8", "--num_figure", "2",
-         "--output_dir", str(tmp_path)]
+        [
+            "--train_steps",
+            "2",
+            "--train_size",
+            "32",
+            "--batch_size",
+            "8",
+            "--eval_size",
+            "8",
+            "--num_figure",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+        ]
     )
     assert results["adapter"] == str(tmp_path / "adapter")
     assert "## TOAST adapter" in (tmp_path / "adapter" / "README.md").read_text()
