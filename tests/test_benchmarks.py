@@ -19,6 +19,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import calibration_speed  # noqa: E402
 import common  # noqa: E402
 import cost  # noqa: E402
 import quality  # noqa: E402
@@ -206,6 +207,24 @@ def test_cost_measures_peak_memory_in_fresh_processes(tmp_path):
     assert family["ratios"]["train_memory_vs_lora"] == pytest.approx(
         memory["toast"]["peak_mib"] / memory["lora"]["peak_mib"]
     )
+
+
+def test_calibration_speed_tiny_times_every_setting(tmp_path):
+    output = tmp_path / "calibration_speed.json"
+    calibration_speed.main(["--tiny", "--output", str(output), "--threads", "1"])
+    results = json.loads(output.read_text())
+    assert set(results["tasks"]) == {"vision", "text"}
+    for task in results["tasks"].values():
+        assert set(task["median"]) == set(calibration_speed.SETTINGS)
+        for runs in task["runs"].values():
+            assert len(runs) == results["repeats"] == 1
+            for run in runs:
+                assert run["seconds"] == pytest.approx(run["pass_seconds"] + run["solve_seconds"])
+                assert run["tokens"] == task["calibration_tokens"]
+                # Calibration lowers the held-out loss of the identity maps, whatever the setting.
+                assert 0 < run["held_out_loss"] < task["held_out_identity_loss"]
+    markdown = calibration_speed.report_markdown(results)
+    assert markdown.count("\n| ") == 1 + 2 * len(calibration_speed.SETTINGS)  # header + one row per task and setting
 
 
 def test_docs_sections_are_replaced_between_their_markers(tmp_path):
