@@ -28,6 +28,7 @@ import statistics
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
@@ -37,7 +38,10 @@ from tqdm.auto import tqdm
 # Learning-rate sweeps, one range per method, three values each (for the linear probe: of the head). Adapters of a
 # frozen model take larger steps than full fine-tuning; TOAST's full-rank d x d maps move every channel at once.
 LEARNING_RATES = {
-    "toast": (1e-4, 3e-4, 1e-3),
+    # Full-rank TOAST on a decoder reads the last block's output before the final norm (token norms ~1,100 on SmolLM2,
+    # vs ~40 after DINOv2's final LayerNorm) and every readout step is multiplied by it: its range is 30x lower there
+    # (docs/training.md "Learning rate"). The first full run used the vision range on SmolLM2 as well.
+    "toast": {"vision": (1e-4, 3e-4, 1e-3), "text": (1e-5, 3e-5, 1e-4)},
     "toast-r8": (1e-3, 3e-3, 1e-2),
     "lora": (1e-3, 3e-3, 1e-2),
     "linear": (3e-3, 1e-2, 3e-2),
@@ -72,10 +76,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--max-length", type=int, default=48, help="Tokens per tweet at most (default 48).")
     parser.add_argument(
+        "--head-lr",
+        type=float,
+        help="Head learning rate of the other methods when the linear probe (whose best rate it is by default) is "
+        "not among --methods; e.g. to rerun one method against an earlier run's probe.",
+    )
+    parser.add_argument(
         "--from-json",
         type=Path,
         nargs="+",
-        help="Regenerate the docs tables and plot from these results files (their tasks are merged); train nothing.",
+        help="Regenerate the docs tables and plot from these results files (their tasks are merged, a later file's "
+        "methods replacing an earlier file's); train nothing.",
     )
     return parser.parse_args(argv)
 
@@ -92,6 +103,12 @@ def load_task(name: str, args: argparse.Namespace, sizes: dict[str, int]) -> com
     if name == "vision":
         return common.vision_task(args.vision_model, sizes=sizes, image_size=args.image_size, tiny=args.tiny)
     return common.text_task(args.text_model, sizes=sizes, max_length=args.max_length, tiny=args.tiny)
+
+
+def learning_rates(method: str, task: str) -> tuple[float, ...]:
+    """The sweep of `method` on `task` (`LEARNING_RATES` holds one range, or one per task)."""
+    grid = LEARNING_RATES[method]
+    return grid[task] if isinstance(grid, dict) else grid
 
 
 def train_once(task: common.Task, method: str, lr: float, seed: int, settings: dict, head_lr: float | None):
@@ -131,7 +148,7 @@ def run_method(task: common.Task, method: str, protocol: dict, head_lr: float | 
     Only the chosen models are evaluated on the test split: the sweep's best one, and one per remaining seed.
     """
     settings = protocol[task.name]
-    grid = LEARNING_RATES[method]
+    grid = learning_rates(method, task.name)
     lrs = grid if protocol["sweep"] else grid[len(grid) // 2 : len(grid) // 2 + 1]
     seeds = protocol["seeds"]
     record = {"label": common.METHOD_LABELS[method], "sweep": [], "runs": []}
@@ -163,12 +180,22 @@ def run_method(task: common.Task, method: str, protocol: dict, head_lr: float | 
     return record
 
 
+def merge_results(paths: Sequence[Path]) -> dict:
+    """The tasks of several results files; a later file's methods replace an earlier file's for the same task."""
+    results = {"tasks": {}}
+    for path in paths:
+        for name, task in json.loads(Path(path).read_text())["tasks"].items():
+            if name in results["tasks"]:
+                results["tasks"][name]["methods"].update(task["methods"])
+            else:
+                results["tasks"][name] = task
+    return results
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.from_json:
-        results = {"tasks": {}}
-        for path in args.from_json:
-            results["tasks"].update(json.loads(path.read_text())["tasks"])
+        results = merge_results(args.from_json)
         write_docs(results)
         return results
     common.setup(args)
@@ -203,7 +230,7 @@ def main(argv=None) -> dict:
                 "methods": {},
             }
             # The linear probe runs first: its best learning rate becomes every other method's head learning rate.
-            head_lr = None
+            head_lr = args.head_lr
             for method in sorted(args.methods, key=lambda name: name != "linear"):
                 entry["methods"][method] = run_method(task, method, protocol, head_lr, progress, save)
                 if method == "linear":

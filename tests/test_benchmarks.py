@@ -22,6 +22,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import calibration_speed  # noqa: E402
 import common  # noqa: E402
 import cost  # noqa: E402
+import prompt_init  # noqa: E402
 import quality  # noqa: E402
 import scaling  # noqa: E402
 
@@ -55,7 +56,7 @@ def test_quality_tiny_quick_writes_complete_results(tmp_path):
             assert len(record["runs"]) == 2  # --quick: seeds 0 and 1 at the (single) learning rate
             assert [run["seed"] for run in record["runs"]] == [0, 1]
             assert record["runs"][0] is not None and record["runs"][0]["lr"] == record["best_lr"]
-            assert [run["lr"] for run in record["sweep"]] == [quality.LEARNING_RATES[method][1]]
+            assert [run["lr"] for run in record["sweep"]] == [quality.learning_rates(method, name)[1]]
             assert 0.0 <= record["sweep"][0]["val_accuracy"] <= 1.0
             for run in record["runs"]:
                 assert 0.0 <= run["test_accuracy"] <= 1.0
@@ -225,6 +226,35 @@ def test_calibration_speed_tiny_times_every_setting(tmp_path):
                 assert 0 < run["held_out_loss"] < task["held_out_identity_loss"]
     markdown = calibration_speed.report_markdown(results)
     assert markdown.count("\n| ") == 1 + 2 * len(calibration_speed.SETTINGS)  # header + one row per task and setting
+
+
+@pytest.mark.parametrize("task", ["vision", "text"])
+def test_prompt_init_tiny_opens_the_gates(task, tmp_path):
+    output = tmp_path / "prompt_init.json"
+    arguments = ["--tiny", "--task", task, "--steps", "2", "--seeds", "0", "--threads", "1", "--output", str(output)]
+    prompt_init.main(arguments)
+    runs = prompt_init.main(arguments)  # appends to the same file
+    assert [run["variant"] for run in runs] == ["default", "mean"] * 2
+    default, mean = runs[:2]
+    for run in runs:
+        assert 0.0 <= run["val"] <= 1.0 and 0.0 <= run["test"] <= 1.0 and math.isfinite(run["final_loss"])
+    # The mean feature has a positive cosine with most tokens: its gates are wider open than a random prompt's.
+    assert mean["gate_mean"] > default["gate_mean"]
+    assert mean["gate_zero_fraction"] < default["gate_zero_fraction"]
+
+
+def test_quality_rerun_of_one_method_merges_into_an_earlier_run(tmp_path):
+    first, rerun = tmp_path / "first.json", tmp_path / "rerun.json"
+    quality.main(["--tiny", "--quick", "--tasks", "text", "--methods", "linear", "toast", "--output", str(first)])
+    arguments = ["--tiny", "--quick", "--tasks", "text", "--methods", "toast", "--head-lr", "0.05"]
+    quality.main([*arguments, "--output", str(rerun), "--threads", "1"])
+    runs = json.loads(rerun.read_text())["tasks"]["text"]["methods"]["toast"]["runs"]
+    assert [run["head_lr"] for run in runs] == [0.05, 0.05]  # the given head rate, not TOAST's own
+    assert [run["lr"] for run in runs] == [quality.learning_rates("toast", "text")[1]] * 2 == [3e-5] * 2
+    merged = quality.merge_results([first, rerun])["tasks"]["text"]
+    assert set(merged["methods"]) == {"linear", "toast"}
+    assert merged["methods"]["toast"]["runs"] == runs  # the rerun replaced the first run's TOAST record
+    assert merged["methods"]["linear"] == json.loads(first.read_text())["tasks"]["text"]["methods"]["linear"]
 
 
 def test_docs_sections_are_replaced_between_their_markers(tmp_path):
