@@ -56,7 +56,9 @@ INITS = ("random", "zero readout", "calibrated", "pre-tuned")
 VARIANTS = ("full", "low-rank", "lite")
 # Learning rates: the middle of benchmarks/quality.py's TOAST ranges. The head's: the best of its linear-probe sweep on
 # the vision task; on SmolLM2 a 1e-2 head step overshot in the --quick run (loss 0.87 -> 5.4), so one step lower.
-LEARNING_RATES = {"full": 3e-4, "low-rank": 3e-3, "lite": 3e-3}
+# Full rank on SmolLM2: 3e-5, the middle of quality.py's decoder range (its pre-norm pass-1 feature is ~30x larger than
+# DINOv2's; docs/training.md "Learning rate"). The first full run used 3e-4 there too.
+LEARNING_RATES = {"full": {"vision": 3e-4, "text": 3e-5}, "low-rank": 3e-3, "lite": 3e-3}
 HEAD_LR = {"vision": 1e-2, "text": 3e-3}
 # The reference's variational-loss weights: 0.1 for vision, 0.01 for LLaMA.
 VARIATIONAL_LOSS_WEIGHT = {"vision": 0.1, "text": 0.01}
@@ -286,6 +288,12 @@ def downstream_model(task: common.Task, init: str, variant: str, folders: dict, 
     return load_initialisation(base, folder, **(fields if variant == "lite" else {}))
 
 
+def learning_rate(variant: str, task: str) -> float:
+    """The downstream learning rate of `variant` on `task` (`LEARNING_RATES` holds one value, or one per task)."""
+    rate = LEARNING_RATES[variant]
+    return rate[task] if isinstance(rate, dict) else rate
+
+
 def run_task(task: common.Task, args, settings: dict, seeds: tuple[int, ...]) -> dict:
     print(f"\n== {task.description}: {task.model_name}")
     machine = common.machine_info()  # the load average when this task starts
@@ -300,7 +308,7 @@ def run_task(task: common.Task, args, settings: dict, seeds: tuple[int, ...]) ->
             model = downstream_model(task, init, variant, folders, args.rank, seed)
             start = time.perf_counter()
             common.train(
-                model, train, steps=settings["steps"], batch_size=settings["batch_size"], lr=LEARNING_RATES[variant],
+                model, train, steps=settings["steps"], batch_size=settings["batch_size"], lr=learning_rate(variant, task.name),
                 head_lr=HEAD_LR[task.name], seed=seed, desc=f"{init} / {variant} / seed {seed}",
             )  # fmt: skip
             runs.setdefault(f"{init} / {variant}", []).append(
@@ -328,6 +336,8 @@ def run_task(task: common.Task, args, settings: dict, seeds: tuple[int, ...]) ->
         "description": task.description,
         "model": task.model_name,
         "settings": settings,
+        "learning_rates": {variant: learning_rate(variant, task.name) for variant in VARIANTS},
+        "head_lr": HEAD_LR[task.name],
         "majority_class_accuracy": labels.bincount().max().item() / len(labels),
         "initialisation": report,
         "downstream": downstream,
