@@ -22,11 +22,11 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from test_trainer import ADAPTER_FILES, EXAMPLES, assert_same_adapter, image_args, run_killed_then_resumed
 
-# The tiny model and dataset folders, and one thread per test, as in test_trainer.py (importing it puts the examples
-# on the import path).
+# The tiny model and dataset folders of test_trainer.py (importing it puts the examples on the import path), and one
+# torch thread, as there.
 tiny_vit_dir = test_trainer.tiny_vit_dir
 tiny_image_dataset_dir = test_trainer.tiny_image_dataset_dir
-_one_thread = test_trainer._one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ACCELERATE_STATE_FILES = {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
 

@@ -38,13 +38,8 @@ LABEL_WORDS = ["negative", "positive"]
 # ------------------------------------------------------------------------------------------- tiny model folders
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are far faster on one thread, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models are far faster on one thread, and the test machine is shared (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _class_label_dataset(column: str, values: list, labels: np.ndarray, names: list[str]) -> datasets.Dataset:
