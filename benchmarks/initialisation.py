@@ -410,6 +410,9 @@ def report_markdown(results: dict) -> dict[str, str]:
             f"{machine['cpu_count']} CPU cores ({machine.get('cpu', 'unknown CPU')}), load average "
             f"{machine['load_average'][0]:.1f} at the start, fp32."
         )
+        if "learning_rates" in task:  # recorded since the per-task rates (the first full run used 3e-4 for full rank)
+            rates = ", ".join(f"{variant} {rate:g}" for variant, rate in task["learning_rates"].items())
+            caption += f" Learning rates: {rates}; head {task['head_lr']:g}."
         sections[f"init-{name}"] = "\n\n".join(
             [caption, timing_lines(task), reconstruction_table(task), accuracy_table(task)]
         )
