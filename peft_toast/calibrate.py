@@ -5,7 +5,8 @@ The variational loss of pre-tuning, `sum_l MSE(A_l h_l_out, h_l_in)`, is linear 
 (`h_l_in` and `h_l_out` are block `l`'s residual-stream input and output, detached). Instead of learning `A_l` by SGD
 over an epoch of generic data, `calibrate_feedback` solves it: one streaming pass of the frozen model over a
 calibration set accumulates, per block, the `d x d` sums `G = sum h_out h_out^T` and `C = sum h_in h_out^T` in float64
-(memory does not grow with the number of samples), then
+(each batch's products computed in float32; memory does not grow with the number of samples; `autocast_dtype` runs
+the pass itself in bfloat16), then
 
     A_l = (C + lambda I)(G + lambda I)^{-1}                 (full rank, and TOAST-Lite's frozen map)
 
