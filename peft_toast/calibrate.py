@@ -302,6 +302,11 @@ def _statistics_for(
     """`statistics` as given (checked against the adapter's blocks), or collected from `batches`."""
     if (batches is None) == (statistics is None):
         raise ValueError("Pass either `batches` (calibration data) or `statistics` (from `collect_block_statistics`).")
+    if statistics is not None and autocast_dtype is not None:
+        raise ValueError(
+            "`autocast_dtype` applies to the statistics pass, but `statistics` were given: pass "
+            "`autocast_dtype` to `collect_block_statistics` instead."
+        )
     if statistics is None:
         return collect_block_statistics(
             peft_model, batches, adapter_name=adapter_name, progress=progress, autocast_dtype=autocast_dtype

@@ -151,6 +151,8 @@ def test_one_statistics_pass_calibrates_several_adapters():
         )
     with pytest.raises(ValueError, match="either `batches`"):
         calibrate_feedback(full, batches, statistics=statistics)
+    with pytest.raises(ValueError, match="pass `autocast_dtype` to `collect_block_statistics`"):
+        calibrate_feedback(full, statistics=statistics, autocast_dtype=torch.bfloat16)
     top_only = get_peft_model(copy.deepcopy(base), ToastConfig(layers_to_transform=[-1]))
     partial = collect_block_statistics(top_only, batches, progress=False)
     with pytest.raises(ValueError, match="down-maps in blocks"):
