@@ -13,7 +13,7 @@ from typing import Optional
 
 import datasets
 import torch
-from transformers import AutoModelForImageClassification, PreTrainedModel, TrainingArguments
+from transformers import AutoModelForImageClassification, PreTrainedModel, TrainingArguments, default_data_collator
 
 from peft_toast.io import atomic_save_pretrained
 
@@ -65,6 +65,16 @@ def add_seed_and_resume_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="A checkpoint folder, or 'latest' for the last complete one in --output_dir (a fresh start if there is none).",
     )
+
+
+PROMPT_SAMPLE_SIZE = 32
+
+
+def initialise_prompt(model, dataset: datasets.Dataset, size: int = PROMPT_SAMPLE_SIZE) -> None:
+    """Set the TOAST prompt from the first `size` training images (`prompt_init="data"` would otherwise use the first
+    batch), so that the start does not depend on the batch size, gradient accumulation or the number of processes."""
+    batch = default_data_collator([dataset[index] for index in range(min(size, len(dataset)))])
+    model.initialise_prompt(pixel_values=batch["pixel_values"])
 
 
 def image_model_path(model: Optional[str]) -> str:

@@ -30,6 +30,7 @@ from example_utils import (
     example_parser,
     image_classification_splits,
     image_model_path,
+    initialise_prompt,
     load_image_classifier,
     resolve_resume,
 )
@@ -155,6 +156,8 @@ def main(argv=None) -> dict:
             args.label_column,
         )
         model = get_peft_model(load_image_classifier(args.model, label_names), ToastConfig())
+    # The prompt's start: the mean direction of these images' tokens (every process calls it: it sums over them).
+    initialise_prompt(model, train)
     if accelerator.is_main_process:
         model.print_trainable_parameters()
 

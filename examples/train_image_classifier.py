@@ -22,6 +22,7 @@ from example_utils import (
     example_parser,
     image_classification_splits,
     image_model_path,
+    initialise_prompt,
     load_image_classifier,
     resolve_resume,
     save_adapter,
@@ -56,6 +57,7 @@ def main(argv=None) -> dict:
     )
     # The head is new, so ToastConfig() trains and saves it with the adapter (modules_to_save=["classifier"]).
     model = get_peft_model(load_image_classifier(args.model, label_names), ToastConfig())
+    initialise_prompt(model, train)  # the prompt's start: the mean direction of these images' tokens
     model.print_trainable_parameters()
 
     training_args = training_arguments(

@@ -12,6 +12,8 @@ from .registration import TOAST_PEFT_TYPE
 CHANNEL_SELECTION_CHOICES = ("identity", "full", "low_rank")
 DOWN_INIT_CHOICES = ("identity", "reference")
 READOUT_INIT_CHOICES = ("zero", "reference")
+PROMPT_INIT_CHOICES = ("data", "random")
+FEATURE_NORM_CHOICES = ("none", "rms")
 
 
 @dataclass
@@ -63,6 +65,20 @@ class ToastConfig(PeftConfig):
         readout_init (`str`):
             `"zero"` (default: the adapted model starts exactly at the frozen model) or `"reference"` (truncated
             normal, std 0.02).
+        prompt_init (`str`):
+            `"data"` (default): the prompt starts as zeros, meaning "not set yet", and the first forward call that the
+            adapter steers sets it to the mean direction of that call's pass-1 tokens (the sum of their unit vectors,
+            real tokens only, summed over all processes under `torch.distributed`), scaled to norm `sqrt(d)`. The sum of
+            that batch's gates is then positive, so the path is open from step 0: with the reference's random prompt,
+            every gate `clamp(cos, 0, 1)` of a batch can be 0, and then the prompt, the down-maps and the readouts get
+            exactly zero gradient forever. A prompt that was saved or loaded is never replaced. `"random"`: standard
+            normal, as the reference (the path may start closed).
+        feature_norm (`str`):
+            How the pass-1 tokens are scaled before they are fed back. `"none"` (default, as the reference) feeds the
+            feature as it is. `"rms"` divides each token by its root mean square (no gain), so the fed-back signal is
+            scale-free: a decoder's pre-norm feature (token norms ~1,000 on SmolLM2, vs ~1-10 at the value inputs) then
+            enters at the scale of a ViT's normalised feature. The gates are unchanged (the cosine ignores each token's
+            scale).
         variational_loss_weight (`float`):
             Weight of the feedback-reconstruction loss `sum_l MSE(A_l h_l_out, h_l_in)` added to the task loss in
             training, for pre-tuning (0.1 for vision and 0.01 for LLaMA in the reference). `0` (default) for transfer.
@@ -111,6 +127,17 @@ class ToastConfig(PeftConfig):
     )
     readout_init: str = field(
         default="zero", metadata={"help": "Initialisation of the readouts C_l: 'zero' (exact start) or 'reference'."}
+    )
+    prompt_init: str = field(
+        default="data",
+        metadata={
+            "help": "Initialisation of the prompt: 'data' (the mean direction of the first batch's pass-1 tokens: the "
+            "path starts open) or 'random' (standard normal, as the reference)."
+        },
+    )
+    feature_norm: str = field(
+        default="none",
+        metadata={"help": "Scaling of the fed-back pass-1 tokens: 'none' (as the reference) or 'rms' (scale-free)."},
     )
     variational_loss_weight: float = field(
         default=0.0,
@@ -175,6 +202,8 @@ class ToastConfig(PeftConfig):
         _check_choice("channel_selection", self.channel_selection, CHANNEL_SELECTION_CHOICES)
         _check_choice("down_init", self.down_init, DOWN_INIT_CHOICES)
         _check_choice("readout_init", self.readout_init, READOUT_INIT_CHOICES)
+        _check_choice("prompt_init", self.prompt_init, PROMPT_INIT_CHOICES)
+        _check_choice("feature_norm", self.feature_norm, FEATURE_NORM_CHOICES)
         if not _is_int(self.channel_rank) or self.channel_rank < 1:
             raise ValueError(f"`channel_rank` must be a positive integer, got {self.channel_rank!r}.")
         if (

@@ -17,7 +17,7 @@ from .config import ToastConfig
 from .generation import CACHE_ARGUMENT_NAMES, attach_to_output, prepare_pass1_cache, refuse_toast_filled_cache
 from .layer import ToastLayer, value_input_features
 from .state import CallState, Pass1Done, checkpoint_with_signals, current_state, pop_state, push_state, use_state
-from .topdown import FeedbackMap, feedback_chain, token_selection
+from .topdown import FeedbackMap, feedback_chain, rms_normalise, token_selection, unit_token_sum
 
 # Heads of transformers' classification models: trained and saved by default, as PEFT's SEQ_CLS task type does.
 CLASSIFICATION_HEAD_NAMES = ("classifier", "score")
@@ -74,6 +74,9 @@ class ToastModel(BaseTuner):
             self._toast_wrapped_layers: list[ToastLayer] = []
             self._toast_architecture: Optional[ResolvedArchitecture] = None
             self._toast_targets: dict[str, tuple[int, bool]] = {}
+            # Adapters whose prompt waits for its first batch (`prompt_init="data"`): a Python-side flag, so that the
+            # prompt is read (one device sync) only until it is set.
+            self._toast_unset_prompts: set[str] = set()
 
     def _check_new_adapter_config(self, config: ToastConfig) -> None:
         super()._check_new_adapter_config(config)
@@ -135,9 +138,13 @@ class ToastModel(BaseTuner):
         dim = value_input_features(base)
         weight = base.weight
         factory = {"device": weight.device, "dtype": weight.dtype if weight.dtype.is_floating_point else None}
-        prompt = torch.empty(dim, **factory)
-        if not prompt.is_meta:
-            nn.init.normal_(prompt)
+        if config.prompt_init == "data":  # zeros = "not set yet": the first steered batch sets it
+            prompt = torch.zeros(dim, **factory)
+            self._toast_unset_prompts.add(adapter_name)
+        else:
+            prompt = torch.empty(dim, **factory)
+            if not prompt.is_meta:
+                nn.init.normal_(prompt)
         self.toast_prompt[adapter_name] = nn.Parameter(prompt)
         if config.channel_selection != "identity":
             rank = config.channel_rank if config.channel_selection == "low_rank" else None
@@ -215,6 +222,7 @@ class ToastModel(BaseTuner):
         else:  # precomputed (peft_toast.feature_cache): pass 2's first block checks it against its inputs
             features = state.feature = self._given_features(module, kwargs, given_features, adapter_name)
         _check_feature(features, kwargs.get("attention_mask"))
+        self._set_prompt_from_data(adapter_name, features, kwargs.get("attention_mask"))
         state.signals, state.gates = self.top_down_signals(adapter_name, features)
         if self.training and self.peft_config[adapter_name].variational_loss_weight > 0:
             state.block_io = []
@@ -266,6 +274,55 @@ class ToastModel(BaseTuner):
             )
         return pass1.feature
 
+    @torch.no_grad()
+    def initialise_prompt(self, *args, adapter_name: Optional[str] = None, **kwargs) -> torch.Tensor:
+        """Set the prompt of `adapter_name` (default: the active adapter) to the mean direction of the real pass-1
+        tokens of these inputs (the model's forward arguments; labels are ignored), as `prompt_init="data"` does with
+        the first batch it sees. Call it before training with a fixed sample of the training data to make the start
+        independent of the batch size, of gradient accumulation and of the number of processes (under
+        `torch.distributed` every process must call it). Returns the new prompt."""
+        adapter_name = adapter_name or self._active_toast_adapter()
+        if adapter_name not in self.toast_prompt:
+            raise ValueError(
+                f"There is no TOAST adapter {adapter_name!r} to initialise (adapters: {sorted(self.toast_prompt)}); "
+                f"pass `adapter_name=` or call it outside `disable_adapter()`."
+            )
+        kwargs = {key: value for key, value in kwargs.items() if key not in _PASS2_ONLY_ARGUMENTS}
+        features = self.run_pass1(self.model, args, kwargs)  # (B, N, d)
+        if not self._set_prompt_from_data(adapter_name, features, kwargs.get("attention_mask"), force=True):
+            raise ValueError(
+                "These inputs have no real token with a nonzero pass-1 feature, so they give the prompt no direction. "
+                "Pass real training examples (with their attention mask)."
+            )
+        return self.toast_prompt[adapter_name]
+
+    @torch.no_grad()
+    def _set_prompt_from_data(
+        self, adapter_name: str, features: torch.Tensor, attention_mask: Optional[torch.Tensor], force: bool = False
+    ) -> bool:
+        """`prompt_init="data"`: set a prompt that is still zero to the mean direction of this call's real pass-1 tokens
+        (summed over all processes), scaled to norm `sqrt(d)` like the reference's standard-normal prompt. A prompt
+        that is not zero (loaded, copied or trained) is kept unless `force`. Returns whether the prompt was set."""
+        if adapter_name not in self._toast_unset_prompts and not force:
+            return False
+        prompt = self.toast_prompt[adapter_name]
+        if prompt.is_meta or features.is_meta:
+            return False
+        if prompt.any() and not force:  # loaded or set by hand since it was created
+            self._toast_unset_prompts.discard(adapter_name)
+            return False
+        direction = unit_token_sum(features, attention_mask, eps=self.peft_config[adapter_name].cosine_eps)  # (d,)
+        direction = direction.to(prompt.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every process must start from the same prompt: the sum over all their batches, as one process would see.
+            torch.distributed.all_reduce(direction)
+        norm = direction.norm()
+        if not norm > 0:  # no real token with a direction (all zero): try again on the next batch
+            return False
+        prompt.copy_((direction * (prompt.numel() ** 0.5 / norm)).to(prompt.dtype))
+        self._toast_unset_prompts.discard(adapter_name)
+        return True
+
     def top_down_signals(self, adapter_name: str, features: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """Token selection, channel selection and the feedback chain for one call.
 
@@ -274,6 +331,8 @@ class ToastModel(BaseTuner):
         prompt = self.toast_prompt[adapter_name]
         config = self.peft_config[adapter_name]
         features = features.to(device=prompt.device, dtype=prompt.dtype)  # (B, N, d)
+        if config.feature_norm == "rms":  # scale-free feedback; the cosine gates do not change
+            features = rms_normalise(features, eps=config.cosine_eps)
         gates, selected = token_selection(features, prompt, eps=config.cosine_eps)  # (B, N), (B, N, d)
         if adapter_name in self.toast_channel:
             selected = self.toast_channel[adapter_name](selected)
@@ -297,6 +356,7 @@ class ToastModel(BaseTuner):
             )
         kwargs = {key: value for key, value in kwargs.items() if key not in _PASS2_ONLY_ARGUMENTS}
         features = self.run_pass1(self.model, args, kwargs)  # (B, N, d)
+        self._set_prompt_from_data(adapter_name, features, kwargs.get("attention_mask"))
         return self.top_down_signals(adapter_name, features)[1]  # (B, N)
 
     def _toast_post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
@@ -386,6 +446,7 @@ class ToastModel(BaseTuner):
         for container in (self.toast_prompt, self.toast_channel):
             if adapter_name in container:
                 del container[adapter_name]
+        self._toast_unset_prompts.discard(adapter_name)
         self._sync_selection_trainability()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:

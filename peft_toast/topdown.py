@@ -35,6 +35,28 @@ def token_selection(
     return gates, gates.unsqueeze(-1) * features  # (B, N), (B, N, d)
 
 
+def rms_normalise(features: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each token divided by its root mean square over channels (no gain), `(B, N, d) -> (B, N, d)`; zero tokens stay
+    zero. The cosine gates of `token_selection` do not change (a positive per-token scale cancels)."""
+    rms = features.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(eps)  # (B, N, 1)
+    return features / rms
+
+
+def unit_token_sum(features: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, eps: float = 1e-6):
+    """The sum of the unit vectors of the real tokens, `(B, N, d) -> (d,)`, in float32.
+
+    A prompt `p` along this sum `u` opens the path for this batch: the sum of the tokens' cosines with `p` is
+    `sum_n <x_n / |x_n|, u> / |u| = |u| > 0`, so at least one real token has a positive gate (unless `u = 0`).
+    `attention_mask` (`(B, N)`, 1 = real token) leaves padding out; for a decoder with a KV cache it may be longer than
+    `N` and its last `N` columns are used.
+    """
+    units = features.float() / features.float().norm(dim=-1, keepdim=True).clamp_min(eps)  # (B, N, d)
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == features.shape[0]:
+        mask = attention_mask[:, -features.shape[1] :].to(device=units.device, dtype=units.dtype)  # (B, N)
+        units = units * mask.unsqueeze(-1)
+    return units.sum(dim=(0, 1))  # (d,)
+
+
 class FeedbackMap(nn.Module):
     """One linear, bias-free, per-token `d -> d` map of the feedback path: a down-map `A_l`, a readout `C_l` or the
     channel selection `P`.

@@ -116,7 +116,7 @@ def test_default_config_starts_exactly_at_the_base_model(case):
 
 def test_randomized_adapter_changes_the_output_and_disabling_restores_it(case):
     _, base, reference, inputs, _, _ = case
-    model = get_peft_model(base, ToastConfig())
+    model = get_peft_model(base, ToastConfig(prompt_init="random"))
     randomize_adapter(model)
     with torch.no_grad():
         steered = _output(model(**inputs))

@@ -18,7 +18,7 @@ GRID = IMAGE // PATCH
 
 def steered(base, task_type=None):
     """`base` with a TOAST adapter whose every tensor is random, so that it visibly changes the attention."""
-    model = get_peft_model(base, ToastConfig(task_type=task_type))
+    model = get_peft_model(base, ToastConfig(task_type=task_type, prompt_init="random"))
     randomize_adapter(model, std=0.5)
     return model.eval()
 
