@@ -88,6 +88,10 @@ class ToastConfig(PeftConfig):
             Modules trained and saved in full besides the adapter. `None` (default) picks the task head of a
             classification model (`classifier` / `score`), as PEFT's `SEQ_CLS` task type does; pass `[]` to keep the
             head frozen.
+        pretuned_on (`str`, *optional*):
+            What the top-down path was pre-tuned on (data, objective, steps), recorded by `peft_toast.pretune` and kept
+            by `load_initialisation`, so that a shared adapter's model card says where its prompt and feedback maps
+            come from. `None` for an adapter trained from its initialisation.
         base_model_dims (`dict`, *optional*):
             Filled in when the adapter is created: model type, hidden size, number of blocks and attention heads of the
             base model. Loading onto a model that differs warns (`PeftModel.from_pretrained`) or raises
@@ -150,6 +154,10 @@ class ToastConfig(PeftConfig):
             "help": "Modules trained and saved besides the adapter. None = the head of a classification model; "
             "[] = none."
         },
+    )
+    pretuned_on: Optional[str] = field(
+        default=None,
+        metadata={"help": "What the top-down path was pre-tuned on (recorded by peft_toast.pretune); None = not."},
     )
     base_model_dims: Optional[dict] = field(
         default=None,
@@ -229,6 +237,11 @@ class ToastConfig(PeftConfig):
             raise ValueError(
                 f"`modules_to_save` must be None (the task head of a classification model), [] or a list of module "
                 f"names, got {self.modules_to_save!r}."
+            )
+        if self.pretuned_on is not None and not isinstance(self.pretuned_on, str):
+            raise ValueError(
+                f"`pretuned_on` must be None or a description such as 'fashion-mnist classes 0-4, 500 steps', got "
+                f"{self.pretuned_on!r}."
             )
         if self.base_model_dims is not None and (
             not isinstance(self.base_model_dims, dict)

@@ -132,6 +132,11 @@ def card_section(model: PeftModel, adapter_id: Optional[str] = None) -> str:
         "two forward passes.",
         "",
         f"- **Base model:** {base_line}",
+        *(
+            f"- **Pre-tuned on** (adapter `{name}`): {model.peft_config[name].pretuned_on}"
+            for name in names
+            if model.peft_config[name].pretuned_on
+        ),
         "",
         "### Load it",
         "",

