@@ -47,27 +47,50 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from tqdm.auto import tqdm
 
 from peft_toast import ToastConfig
 
-METHODS = ("linear", "lora", "toast", "toast-r8", "toast-lite")
+METHODS = ("linear", "lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-r8", "toast-lite")
 LABELS = {
     "linear": "linear probe",
     "lora": "LoRA r=8 (q, v)",
+    "lora-src": "LoRA r=8, source-trained",
     "toast": "TOAST (full rank)",
+    "toast-src": "TOAST, source pre-tuned",
+    "toast-rms": "TOAST, feature_norm='rms'",
     "toast-r8": "TOAST, feedback_rank=8",
     "toast-lite": "TOAST-Lite, lite_rank=8",
 }
-TOAST_CONFIGS = {"toast": {}, "toast-r8": {"feedback_rank": 8}, "toast-lite": {"lite_rank": 8}}
-# One learning rate for the head and the adapter (the head starts at the probe); three values each, ~3x apart.
+TOAST_CONFIGS = {
+    "toast": {},
+    "toast-src": {},
+    "toast-rms": {"feature_norm": "rms"},
+    "toast-r8": {"feedback_rank": 8},
+    "toast-lite": {"lite_rank": 8},
+    "toast-pretune": {"variational_loss_weight": 0.1},  # the source stage of "toast-src"
+}
+# Methods that start from a source stage (`--source-classes`), and the method that makes it.
+SOURCE_OF = {"lora-src": "lora", "toast-src": "toast"}
+# One learning rate for the head and the adapter (the head starts at the probe); three values each, ~3x apart. Full-rank
+# TOAST on a decoder reads the pre-norm feature (token norms ~1,000 on SmolLM2): its range is 10x lower there, unless
+# `feature_norm="rms"` makes the fed-back tokens scale-free (that variant keeps the vision range everywhere).
 LEARNING_RATES = {
     "linear": (3e-3, 1e-2, 3e-2),
     "lora": (3e-4, 1e-3, 3e-3),
-    "toast": (3e-5, 1e-4, 3e-4),
+    "toast": {"image": (3e-5, 1e-4, 3e-4), "text": (3e-6, 1e-5, 3e-5)},
+    "toast-rms": (3e-5, 1e-4, 3e-4),
     "toast-r8": (3e-4, 1e-3, 3e-3),
     "toast-lite": (3e-4, 1e-3, 3e-3),
 }
+LEARNING_RATES["lora-src"] = LEARNING_RATES["lora"]
+LEARNING_RATES["toast-src"] = LEARNING_RATES["toast"]
+
+
+def learning_rates(method: str, task: common.Task) -> tuple[float, ...]:
+    grid = LEARNING_RATES[method]
+    return grid[task.kind] if isinstance(grid, dict) else grid
+
+
 # The probe's own head-training budget (it runs on cached features: milliseconds per step).
 PROBE_STEPS = 400
 CANVAS = 112
@@ -79,7 +102,7 @@ TINY_SIZES = {"train": 48, "val": 16, "test": 16}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(parser)
-    parser.add_argument("--tasks", nargs="+", default=["fmnist", "clutter"], choices=["fmnist", "clutter"])
+    parser.add_argument("--tasks", nargs="+", default=["fmnist", "clutter"], choices=["fmnist", "clutter", "tweets"])
     parser.add_argument("--methods", nargs="+", default=["linear", "lora", "toast"], choices=METHODS)
     parser.add_argument("--steps", nargs="+", type=int, default=[100, 400], help="Step budgets (default 100 400).")
     parser.add_argument("--clutter", nargs="+", type=int, default=[4], help="Distractor counts k (default 4).")
@@ -90,6 +113,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--head-init", choices=["probe", "random"], default="probe", help="Start every head from the probe (LP-FT)."
     )
+    parser.add_argument(
+        "--source-classes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Image tasks: train the *-src methods on a source task of these classes first (e.g. 0 1 2 3 4), then "
+        "transfer to the other classes (TOAST: cross-entropy + 0.1 x variational loss; LoRA: cross-entropy).",
+    )
+    parser.add_argument("--source-steps", type=int, default=300, help="Steps of the source stage (default 300).")
     parser.add_argument("--from-json", type=Path, nargs="+", help="Regenerate the docs from results files only.")
     return parser.parse_args(argv)
 
@@ -112,7 +144,7 @@ class CachedSplit(common.Split):
             batch["toast_features"] = self.toast_features[torch.as_tensor(indices)]
         return batch
 
-    def view(self, with_features: bool) -> "CachedSplit":
+    def view(self, with_features: bool) -> CachedSplit:
         return CachedSplit(**{**vars(self), "with_features": with_features})
 
 
@@ -155,21 +187,16 @@ def patch_coverage(box, canvas: int, patches: int) -> torch.Tensor:
     return torch.tensor(np.outer(cover_y, cover_x).reshape(-1), dtype=torch.float32)
 
 
-def image_task(kind: str, args: argparse.Namespace, clutter: int = 0) -> common.Task:
-    """Plain (`kind="fmnist"`) or cluttered Fashion-MNIST with `clutter` digits, preprocessed for DINOv2-S."""
+def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: Optional[list[int]] = None):
+    """Plain (`kind="fmnist"`) or cluttered Fashion-MNIST with `clutter` digits, preprocessed for DINOv2-S; only the
+    garments of `classes` (renumbered 0..len-1) when given."""
     sizes = TINY_SIZES if args.tiny else SIZES
     if args.tiny:
         task = common.vision_task(None, sizes=sizes, tiny=True)
         task.splits = {name: CachedSplit(**vars(split)) for name, split in task.splits.items()}
-        random_model = task.new_model
-
-        def same_backbone():  # a pretrained backbone is the same for every seed; a tiny random one must be too
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                return random_model()
-
-        task.new_model = same_backbone
-        return task
+        if classes is not None:
+            task.name += "-" + "".join(map(str, classes))
+        return _same_backbone_for_every_seed(task, "image")
     from transformers import AutoImageProcessor
 
     from peft_toast.assets import FASHION_MNIST_CLASSES, load_fashion_mnist
@@ -177,9 +204,11 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0) -> common.
     image_size = args.image_size if kind == "fmnist" else CANVAS
     path = common.vision_model_path(args.vision_model, image_size)
     processor = AutoImageProcessor.from_pretrained(path)
-    train_val = load_fashion_mnist("train", limit=sizes["train"] + sizes["val"], seed=0)
+    share = len(FASHION_MNIST_CLASSES) / len(classes) if classes else 1  # draw enough to keep the sizes
+    train_val = _garments(load_fashion_mnist("train", limit=int(share * (sizes["train"] + sizes["val"]))), classes)
     parts = train_val.train_test_split(test_size=sizes["val"], stratify_by_column="label", seed=0)
-    datasets = {"train": parts["train"], "val": parts["test"], "test": load_fashion_mnist("test", limit=sizes["test"])}
+    test = _garments(load_fashion_mnist("test", limit=int(share * sizes["test"])), classes)
+    datasets = {"train": parts["train"], "val": parts["test"], "test": test}
     digits = load_mnist_digits() if kind == "clutter" else None
     patches = image_size // 14
     splits = {}
@@ -205,20 +234,69 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0) -> common.
         if kind == "fmnist"
         else f"cluttered Fashion-MNIST, k={clutter} MNIST digits, {CANVAS} px canvas"
     )
-    num_labels = len(FASHION_MNIST_CLASSES)
-    return common.Task(
-        name=kind if kind == "fmnist" else f"clutter-{clutter}",
+    name = kind if kind == "fmnist" else f"clutter-{clutter}"
+    if classes is not None:
+        description += f", classes {' '.join(map(str, classes))}"
+        name += "-" + "".join(map(str, classes))
+    num_labels = len(classes or FASHION_MNIST_CLASSES)
+    task = common.Task(
+        name=name,
         description=description,
         model_name=args.vision_model or f"DINOv2-S (ViT-S/14, offline) at {image_size} px",
         num_labels=num_labels,
         new_model=lambda: common.load_image_classifier(path, num_labels, image_size=image_size),
         splits=splits,
     )
+    task.kind = "image"
+    return task
+
+
+def _garments(dataset, classes: Optional[list[int]]):
+    """The examples of `classes`, labels renumbered 0..len-1 in that order (all of them when `classes` is None)."""
+    if classes is None:
+        return dataset
+    from datasets import ClassLabel
+
+    renumber = {label: index for index, label in enumerate(classes)}
+    dataset = dataset.filter(lambda label: label in renumber, input_columns="label")
+    names = [dataset.features["label"].names[label] for label in classes]
+    dataset = dataset.map(lambda label: {"label": renumber[label]}, input_columns="label")
+    return dataset.cast_column("label", ClassLabel(names=names))
+
+
+def text_task(args: argparse.Namespace) -> common.Task:
+    """Binary tweet sentiment on SmolLM2-135M with a sequence-classification head (`common.text_task`)."""
+    sizes = TINY_SIZES if args.tiny else {"train": 600, "val": 150, "test": 400}
+    task = common.text_task(args.text_model, sizes=sizes, tiny=args.tiny)
+    task.splits = {name: CachedSplit(**vars(split)) for name, split in task.splits.items()}
+    task.name = "tweets"
+    return _same_backbone_for_every_seed(task, "text") if args.tiny else _with_kind(task, "text")
+
+
+def _with_kind(task: common.Task, kind: str) -> common.Task:
+    task.kind = kind
+    return task
+
+
+def _same_backbone_for_every_seed(task: common.Task, kind: str) -> common.Task:
+    """A pretrained backbone is the same for every seed; a tiny random one (`--tiny`) is made so too."""
+    random_model = task.new_model
+
+    def same_backbone():
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return random_model()
+
+    task.new_model = same_backbone
+    return _with_kind(task, kind)
 
 
 @torch.no_grad()
 def cache_pass1_features(task: common.Task, batch_size: int = 64) -> None:
-    """Pass 1 of the frozen backbone for every image of every split, once (`toast_features` of each split)."""
+    """Pass 1 of the frozen backbone for every image of every split, once (`toast_features` of each split). Texts are
+    padded per batch, so their features are not cached: TOAST runs both passes there."""
+    if task.kind != "image":
+        return
     model = get_peft_model(task.new_model(), ToastConfig()).eval()
     for split in task.splits.values():
         rows = []
@@ -244,27 +322,45 @@ def probe_head(task: common.Task, lr: float, seed: int) -> tuple[dict, float]:
     )
 
 
-def new_model(task: common.Task, method: str, seed: int, head: Optional[dict]):
+def new_model(task: common.Task, method: str, seed: int, head: Optional[dict], source: Optional[dict] = None):
+    """A fresh model of `task` trained the way `method` does, its head from `head` (the probe's) if given, and its
+    adapter from `source[method]` (the adapter tensors of a source stage) for the `*-src` methods."""
     torch.manual_seed(seed)
     model = task.new_model()
     if head is not None:
         common.model_head(model).load_state_dict(head)
+    head_names = [name for name in common.HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)]
     if method in TOAST_CONFIGS:
-        return get_peft_model(model, ToastConfig(**TOAST_CONFIGS[method]))
-    if method == "lora":
+        model = get_peft_model(model, ToastConfig(**TOAST_CONFIGS[method]))
+    elif method in ("lora", "lora-src"):
         config = LoraConfig(
             r=common.LORA_RANK,
             lora_alpha=2 * common.LORA_RANK,
             lora_dropout=0.0,
             target_modules=common._lora_targets(model),
-            modules_to_save=["classifier"],
+            modules_to_save=head_names,
         )
-        return get_peft_model(model, config)
-    raise ValueError(method)
+        model = get_peft_model(model, config)
+    else:
+        raise ValueError(f"Unknown method {method!r}.")
+    if method in SOURCE_OF:
+        missing = set(adapter_tensors(model)) - set(source[method])
+        assert not missing, f"the source stage has no {sorted(missing)[:3]}"
+        model.load_state_dict(source[method], strict=False)
+    return model
 
 
-def train_and_score(task, method, lr, seed, steps, batch_size, head, splits_to_score) -> tuple[object, dict]:
-    model = new_model(task, method, seed, head)
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """The adapter's own tensors (TOAST's or LoRA's), not the head: what a source stage hands to the target task."""
+    return {
+        name: tensor.detach().clone()
+        for name, tensor in model.state_dict().items()
+        if ("toast_" in name or "lora_" in name) and "modules_to_save" not in name
+    }
+
+
+def train_and_score(task, method, lr, seed, steps, batch_size, head, splits_to_score, source=None):
+    model = new_model(task, method, seed, head, source)
     cached = method in TOAST_CONFIGS
     start = time.perf_counter()
     losses = common.train(
@@ -282,6 +378,26 @@ def train_and_score(task, method, lr, seed, steps, batch_size, head, splits_to_s
         record[f"{name}_accuracy"] = common.accuracy(model, task.splits[name].view(with_features=cached))
     record["trainable_parameters"] = common.trainable_parameters(model)
     return model, record
+
+
+def source_stage(kind: str, args: argparse.Namespace, clutter: int) -> tuple[dict, dict]:
+    """Train LoRA and TOAST on the source classes (`--source-classes`), each from the source probe's head at the middle
+    of its learning-rate range, for `--source-steps` steps; TOAST with `variational_loss_weight=0.1`, as the reference
+    pre-tunes. Returns the adapter tensors per `*-src` method, and a record of the stage."""
+    task = image_task(kind, args, clutter, classes=args.source_classes)
+    cache_pass1_features(task)
+    seed = args.seeds[0]
+    lrs = LEARNING_RATES["linear"]
+    probe_lr = max(lrs, key=lambda lr: probe_head(task, lr, seed)[1])
+    head = probe_head(task, probe_lr, seed)[0]
+    adapters, record = {}, {"task": task.description, "steps": args.source_steps, "probe_lr": probe_lr}
+    for target_method, method in SOURCE_OF.items():
+        lr = learning_rates(method, task)[1]
+        stage_method = "toast-pretune" if method == "toast" else method
+        model, run = train_and_score(task, stage_method, lr, seed, args.source_steps, args.batch_size, head, ["val"])
+        adapters[target_method] = adapter_tensors(model)
+        record[target_method] = run
+    return adapters, record
 
 
 # ------------------------------------------------------------------------------------------------- mechanism
@@ -316,11 +432,18 @@ def target_shares(model, split: CachedSplit, method: str, batch_size: int = 50) 
 # ------------------------------------------------------------------------------------------------------- main
 
 
-def run_task(task: common.Task, args: argparse.Namespace, on_run) -> dict:
+def run_task(task: common.Task, args: argparse.Namespace, on_run, source: Optional[tuple[dict, dict]] = None) -> dict:
     entry = {"description": task.description, "model": task.model_name, "sizes": {}, "budgets": {}}
     entry["sizes"] = {name: len(split) for name, split in task.splits.items()}
+    adapters = None
+    if source is not None:
+        adapters, entry["source_stage"] = source
     cache_pass1_features(task)
-    lrs_of = {m: (LEARNING_RATES[m][1:2] if args.no_sweep else LEARNING_RATES[m]) for m in args.methods}
+    # The *-src methods only where a source stage ran (image tasks with --source-classes).
+    methods = [method for method in args.methods if method not in SOURCE_OF or adapters is not None]
+    lrs_of = {m: learning_rates(m, task) for m in methods}
+    if args.no_sweep:
+        lrs_of = {m: lrs[1:2] for m, lrs in lrs_of.items()}
 
     # The probe first: its best learning rate (seed 0, validation) trains the head that every method starts from.
     best_probe = max(lrs_of["linear"], key=lambda lr: probe_head(task, lr, args.seeds[0])[1])
@@ -333,7 +456,7 @@ def run_task(task: common.Task, args: argparse.Namespace, on_run) -> dict:
 
     for steps in args.steps:
         budget = entry["budgets"][str(steps)] = {}
-        for method in args.methods:
+        for method in methods:
             record = budget[method] = {"label": LABELS[method], "sweep": [], "runs": []}
             if method == "linear":  # the probe does not depend on the step budget of the adapters
                 probe_splits = task.probe_splits()
@@ -348,8 +471,9 @@ def run_task(task: common.Task, args: argparse.Namespace, on_run) -> dict:
                 best = None
                 for lr in lrs_of[method]:
                     model, run = train_and_score(
-                        task, method, lr, args.seeds[0], steps, args.batch_size, heads.get(args.seeds[0]), ["val"]
-                    )
+                        task, method, lr, args.seeds[0], steps, args.batch_size, heads.get(args.seeds[0]), ["val"],
+                        adapters,
+                    )  # fmt: skip
                     record["sweep"].append(run)
                     on_run()
                     if best is None or run["val_accuracy"] > best[1]["val_accuracy"]:
@@ -364,8 +488,9 @@ def run_task(task: common.Task, args: argparse.Namespace, on_run) -> dict:
                 record["runs"].append(run)
                 for seed in args.seeds[1:]:
                     model, run = train_and_score(
-                        task, method, record["best_lr"], seed, steps, args.batch_size, heads.get(seed), ["test"]
-                    )
+                        task, method, record["best_lr"], seed, steps, args.batch_size, heads.get(seed), ["test"],
+                        adapters,
+                    )  # fmt: skip
                     record["runs"].append(run)
                     on_run()
             accuracies = [run["test_accuracy"] for run in record["runs"]]
@@ -385,7 +510,7 @@ def main(argv=None) -> dict:
         return results
     common.setup(args)
     if args.tiny:
-        args.steps, args.seeds, args.tasks, args.clutter = [4], args.seeds[:2], ["fmnist"], [0]
+        args.steps, args.seeds, args.clutter, args.source_steps = [4], args.seeds[:2], [0], 4
     if "linear" not in args.methods:
         args.methods = ["linear", *args.methods]
     results = {
@@ -400,6 +525,8 @@ def main(argv=None) -> dict:
             "batch_size": args.batch_size,
             "head_init": args.head_init,
             "probe_steps": PROBE_STEPS,
+            "source_classes": args.source_classes,
+            "source_steps": args.source_steps,
             "tiny": args.tiny,
         },
         "tasks": {},
@@ -409,11 +536,23 @@ def main(argv=None) -> dict:
         if args.output:
             common.write_json(args.output, results)
 
+    if any(method in SOURCE_OF for method in args.methods) and not args.source_classes:
+        raise SystemExit("The *-src methods need --source-classes (e.g. 0 1 2 3 4).")
     start = time.perf_counter()
     for kind in args.tasks:
+        if kind == "tweets":
+            results["tasks"]["tweets"] = run_task(text_task(args), args, save)
+            save()
+            continue
         for clutter in args.clutter if kind == "clutter" else [0]:
-            task = image_task(kind, args, clutter)
-            results["tasks"][task.name] = run_task(task, args, save)
+            source, classes = None, None
+            if args.source_classes:
+                num_classes = 4 if args.tiny else 10
+                classes = [label for label in range(num_classes) if label not in args.source_classes]
+                if any(method in SOURCE_OF for method in args.methods):
+                    source = source_stage(kind, args, clutter)
+            task = image_task(kind, args, clutter, classes=classes)
+            results["tasks"][task.name] = run_task(task, args, save, source)
             save()
     results["seconds"] = time.perf_counter() - start
     save()
@@ -429,7 +568,7 @@ def main(argv=None) -> dict:
 def summary_table(task: dict) -> str:
     rows = []
     for steps, budget in task["budgets"].items():
-        for method, record in budget.items():
+        for record in budget.values():
             sweep = " / ".join(f"{run['val_accuracy']:.3f}" for run in record["sweep"])
             shares = record["runs"][0]
             mechanism = ""
@@ -486,7 +625,7 @@ def plot(results: dict) -> None:
 
     tasks = results["tasks"]
     figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for axis, (name, task) in zip(axes[0], tasks.items()):
+    for axis, task in zip(axes[0], tasks.values()):
         steps = [int(s) for s in task["budgets"]]
         methods = list(next(iter(task["budgets"].values())))
         for method in methods:

@@ -12,7 +12,9 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +27,7 @@ import cost  # noqa: E402
 import prompt_init  # noqa: E402
 import quality  # noqa: E402
 import scaling  # noqa: E402
+import transfer  # noqa: E402
 
 # The tiny models of `common`: hidden size 32, 2 blocks, LoRA/TOAST rank 8.
 D, L, R = 32, 2, 8
@@ -264,3 +267,69 @@ def test_docs_sections_are_replaced_between_their_markers(tmp_path):
     assert page.read_text() == "intro\n<!-- BEGIN table -->\n| new |\n<!-- END table -->\noutro\n"
     with pytest.raises(ValueError, match="BEGIN other"):
         common.update_docs_section("other", "x", path=page)
+
+
+# ------------------------------------------------------------------------------------------------------- transfer
+
+
+def test_transfer_tiny_writes_complete_results_and_src_methods_start_from_the_source(tmp_path):
+    output = tmp_path / "transfer.json"
+    methods = ["lora", "lora-src", "toast", "toast-src", "toast-rms"]
+    args = ["--tiny", "--threads", "1", "--tasks", "fmnist", "tweets", "--source-classes", "0", "1"]
+    transfer.main([*args, "--methods", *methods, "--output", str(output)])
+    results = json.loads(output.read_text())
+    image, text = results["tasks"]["vision-23"], results["tasks"]["tweets"]
+    assert set(image["budgets"]["4"]) == {"linear", *methods}
+    assert set(text["budgets"]["4"]) == {"linear", "lora", "toast", "toast-rms"}  # no source stage for text
+    assert set(image["source_stage"]) >= {"lora-src", "toast-src"}
+    for task, kind in ((image, "image"), (text, "text")):
+        for method, record in task["budgets"]["4"].items():
+            assert [run["seed"] for run in record["runs"]] == [0, 1], method
+            if method != "linear":
+                grid = transfer.learning_rates(method, SimpleNamespace(kind=kind))
+                assert [run["lr"] for run in record["sweep"]] == list(grid)
+                assert record["best_lr"] == max(record["sweep"], key=lambda run: run["val_accuracy"])["lr"]
+            assert all(0.0 <= run["test_accuracy"] <= 1.0 for run in record["runs"])
+
+
+def test_transfer_src_method_starts_from_the_source_adapter_and_the_probe_head():
+    args = transfer.parse_args(["--tiny"])
+    task = transfer.image_task("fmnist", args)
+    source = get_toast_source(task)
+    head = {"weight": torch.randn(task.num_labels, 32), "bias": torch.randn(task.num_labels)}
+    model = transfer.new_model(task, "toast-src", seed=3, head=head, source={"toast-src": source})
+    tensors = transfer.adapter_tensors(model)
+    assert tensors.keys() == source.keys()
+    for name, tensor in source.items():
+        torch.testing.assert_close(tensors[name], tensor)
+    torch.testing.assert_close(
+        common.model_head(model.base_model.model).modules_to_save["default"].weight, head["weight"]
+    )
+
+
+def get_toast_source(task) -> dict:
+    """Adapter tensors of a TOAST model of `task` with every tensor made distinctive."""
+    model = transfer.new_model(task, "toast", seed=0, head=None)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "toast_" in name:
+                parameter.add_(torch.randn_like(parameter))
+    return transfer.adapter_tensors(model)
+
+
+def test_cluttered_canvas_places_the_garment_in_its_box_and_coverage_adds_up():
+    rng = np.random.default_rng(0)
+    garment = np.full((28, 28), 200, dtype=np.uint8)
+    digits = [np.zeros((28, 28), dtype=np.uint8)] * 4  # dark distractors: only the garment is bright
+    canvas, (x0, y0, x1, y1) = transfer.cluttered_canvas(garment, digits, rng)
+    assert canvas.shape == (transfer.CANVAS, transfer.CANVAS)
+    assert transfer.OBJECT_SIZES[0] <= x1 - x0 == y1 - y0 <= transfer.OBJECT_SIZES[1]
+    bright = np.argwhere(canvas > 0)
+    assert (
+        bright[:, 0].min() >= y0 and bright[:, 0].max() < y1 and bright[:, 1].min() >= x0 and bright[:, 1].max() < x1
+    )
+    coverage = transfer.patch_coverage((x0, y0, x1, y1), transfer.CANVAS, 8)
+    patch_area = (transfer.CANVAS / 8) ** 2
+    assert coverage.sum().item() * patch_area == pytest.approx((x1 - x0) * (y1 - y0))
+    assert coverage.max() <= 1 and coverage.min() >= 0
+    assert transfer.patch_coverage((0, 0, 14, 14), transfer.CANVAS, 8).tolist() == [1.0] + [0.0] * 63
