@@ -10,6 +10,7 @@ from .io import atomic_save_pretrained
 from .layer import ToastLayer
 from .loading import check_adapter, load_toast_adapter
 from .model import ToastModel
+from .optim import create_toast_optimizer, toast_parameter_groups
 from .registration import register
 
 register()
@@ -22,10 +23,12 @@ __all__ = [
     "atomic_save_pretrained",
     "calibrate_feedback",
     "check_adapter",
+    "create_toast_optimizer",
     "load_initialisation",
     "load_toast_adapter",
     "pretune_top_down",
     "register_architecture",
+    "toast_parameter_groups",
 ]
 
 __version__ = "0.1.0"
