@@ -432,8 +432,10 @@ def target_shares(model, split: CachedSplit, method: str, batch_size: int = 50) 
 # ------------------------------------------------------------------------------------------------------- main
 
 
-def run_task(task: common.Task, args: argparse.Namespace, on_run, source: Optional[tuple[dict, dict]] = None) -> dict:
-    entry = {"description": task.description, "model": task.model_name, "sizes": {}, "budgets": {}}
+def run_task(task: common.Task, args: argparse.Namespace, entry: dict, on_run, source=None) -> None:
+    """Fill `entry` (already in the results, so that every finished run is saved by `on_run`) with the runs of
+    `task`; `source` is what `source_stage` returned, for the `*-src` methods."""
+    entry.update(description=task.description, model=task.model_name, budgets={})
     entry["sizes"] = {name: len(split) for name, split in task.splits.items()}
     adapters = None
     if source is not None:
@@ -497,7 +499,6 @@ def run_task(task: common.Task, args: argparse.Namespace, on_run, source: Option
             record["test_accuracy_mean"] = statistics.mean(accuracies)
             record["test_accuracy_std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
             on_run()
-    return entry
 
 
 def main(argv=None) -> dict:
@@ -541,7 +542,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     for kind in args.tasks:
         if kind == "tweets":
-            results["tasks"]["tweets"] = run_task(text_task(args), args, save)
+            run_task(text_task(args), args, results["tasks"].setdefault("tweets", {}), save)
             save()
             continue
         for clutter in args.clutter if kind == "clutter" else [0]:
@@ -552,7 +553,7 @@ def main(argv=None) -> dict:
                 if any(method in SOURCE_OF for method in args.methods):
                     source = source_stage(kind, args, clutter)
             task = image_task(kind, args, clutter, classes=classes)
-            results["tasks"][task.name] = run_task(task, args, save, source)
+            run_task(task, args, results["tasks"].setdefault(task.name, {}), save, source)
             save()
     results["seconds"] = time.perf_counter() - start
     save()
