@@ -777,6 +777,18 @@ def update_docs_section(name: str, markdown: str, path: Path = DOCS) -> None:
     print(f"updated section {name!r} of {path}")
 
 
+def figure_per_task(count: int, width: float, height: float):
+    """`(pyplot, figure, axes)`: a matplotlib figure (Agg backend, no display needed) with one row of `count` axes, each
+    `width` x `height` inches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, count, figsize=(width * count, height), squeeze=False)
+    return plt, figure, axes[0]
+
+
 def save_figure(figure, name: str) -> Path:
     path = IMAGES / name
     with atomic_file(path, "wb") as file:

@@ -301,14 +301,9 @@ def write_docs(results: dict) -> None:
 
 
 def plot(results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = results["tasks"]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
-    for axis, task in zip(axes[0], tasks.values()):
+    plt, figure, axes = common.figure_per_task(len(tasks), 5.5, 3.8)
+    for axis, task in zip(axes, tasks.values()):
         records = ordered_methods(task)
         means = [100 * record["test_accuracy_mean"] for record in records]
         stds = [100 * record["test_accuracy_std"] for record in records]

@@ -619,14 +619,9 @@ def write_docs(results: dict) -> None:
 
 
 def plot(results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = results["tasks"]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for axis, task in zip(axes[0], tasks.values()):
+    plt, figure, axes = common.figure_per_task(len(tasks), 4.5, 3.6)
+    for axis, task in zip(axes, tasks.values()):
         steps = [int(s) for s in task["budgets"]]
         methods = list(next(iter(task["budgets"].values())))
         for method in methods:
