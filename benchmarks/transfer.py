@@ -111,6 +111,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--no-sweep", action="store_true", help="Only the middle learning rate of each method.")
     parser.add_argument(
+        "--lr-grid",
+        nargs="+",
+        default=[],
+        metavar="METHOD:LR,LR",
+        help="Replace a method's learning rates, e.g. toast:1e-3 lora:1e-2,3e-2 (to check past the edge of a sweep).",
+    )
+    parser.add_argument(
         "--head-init", choices=["probe", "random"], default="probe", help="Start every head from the probe (LP-FT)."
     )
     parser.add_argument(
@@ -444,6 +451,10 @@ def run_task(task: common.Task, args: argparse.Namespace, entry: dict, on_run, s
     # The *-src methods only where a source stage ran (image tasks with --source-classes).
     methods = [method for method in args.methods if method not in SOURCE_OF or adapters is not None]
     lrs_of = {m: learning_rates(m, task) for m in methods}
+    for item in args.lr_grid:
+        method, _, values = item.partition(":")
+        if method in lrs_of:
+            lrs_of[method] = tuple(float(value) for value in values.split(","))
     if args.no_sweep:
         lrs_of = {m: lrs[1:2] for m, lrs in lrs_of.items()}
 
@@ -528,6 +539,7 @@ def main(argv=None) -> dict:
             "probe_steps": PROBE_STEPS,
             "source_classes": args.source_classes,
             "source_steps": args.source_steps,
+            "lr_grid": args.lr_grid,
             "tiny": args.tiny,
         },
         "tasks": {},
