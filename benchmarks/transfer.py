@@ -446,6 +446,31 @@ def target_shares(model, split: CachedSplit, method: str, batch_size: int = 50) 
     return shares
 
 
+@torch.no_grad()
+def initial_gate_shares(task: common.Task, batch_size: int) -> dict[str, float]:
+    """Before any training: the share of the gate mass on the target's patches (test split) with the data prompt (set
+    from the first training batch of seed 0, as `prompt_init="data"` does) and with the reference's random prompt
+    (seed 0), and their mean gates."""
+    shares = {}
+    first_batch = common.batch_order(len(task.splits["train"]), 1, batch_size, seed=0)[0]
+    for init in ("data", "random"):
+        torch.manual_seed(0)
+        model = get_peft_model(task.new_model(), ToastConfig(prompt_init=init)).eval()
+        if init == "data":
+            model.initialise_prompt(pixel_values=task.splits["train"].pixel_values[first_batch])
+        split = task.splits["test"]
+        gates = torch.cat(
+            [
+                model.base_model.toast_selection(pixel_values=split.pixel_values[start : start + 100])
+                for start in range(0, len(split), 100)
+            ]
+        )  # (N, T)
+        mass = (gates * split.target).sum(-1) / gates.sum(-1).clamp_min(1e-12)
+        shares[init] = {"gate_mass_on_target": mass.mean().item(), "mean_gate": gates.mean().item()}
+        shares[init]["share_of_zero_gates"] = (gates == 0).float().mean().item()
+    return shares
+
+
 # ------------------------------------------------------------------------------------------------------- main
 
 
@@ -476,6 +501,7 @@ def run_task(task: common.Task, args: argparse.Namespace, entry: dict, on_run, s
         entry["target_patch_share"] = task.splits["test"].target[:, 1:].mean().item()
         frozen = task.new_model().eval()
         entry["frozen_attention_on_target"] = target_shares(frozen, task.splits["test"], "base")["attention_on_target"]
+        entry["initial_gate_mass_on_target"] = initial_gate_shares(task, args.batch_size)
 
     for steps in args.steps:
         budget = entry["budgets"][str(steps)] = {}

@@ -333,3 +333,22 @@ def test_cluttered_canvas_places_the_garment_in_its_box_and_coverage_adds_up():
     assert coverage.sum().item() * patch_area == pytest.approx((x1 - x0) * (y1 - y0))
     assert coverage.max() <= 1 and coverage.min() >= 0
     assert transfer.patch_coverage((0, 0, 14, 14), transfer.CANVAS, 8).tolist() == [1.0] + [0.0] * 63
+
+
+def test_initial_gate_shares_weight_the_gates_by_target_coverage():
+    task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
+    test = task.splits["test"]
+    model = transfer.get_peft_model(task.new_model(), transfer.ToastConfig()).eval()
+    first = common.batch_order(len(task.splits["train"]), 1, 8, seed=0)[0]
+    model.initialise_prompt(pixel_values=task.splits["train"].pixel_values[first])
+    with torch.no_grad():
+        gates = model.base_model.toast_selection(pixel_values=test.pixel_values)  # (N, T)
+    test.target = torch.zeros_like(gates)
+    test.target[:, 1:5] = 1.0  # the "target" covers patches 0-3 fully
+    shares = transfer.initial_gate_shares(task, batch_size=8)
+
+    assert set(shares) == {"data", "random"}
+    expected = (gates[:, 1:5].sum(-1) / gates.sum(-1)).mean().item()
+    assert shares["data"]["gate_mass_on_target"] == pytest.approx(expected, rel=1e-5)
+    assert shares["data"]["mean_gate"] == pytest.approx(gates.mean().item(), rel=1e-5)
+    assert 0 <= shares["random"]["share_of_zero_gates"] <= 1
