@@ -548,12 +548,31 @@ def run_task(task: common.Task, args: argparse.Namespace, entry: dict, on_run, s
             on_run()
 
 
+def merge_results(paths) -> dict:
+    """The tasks of several results files; for the same task and budget, a later file's methods join (or replace) an
+    earlier file's."""
+    results = {"tasks": {}}
+    for path in paths:
+        for name, task in json.loads(Path(path).read_text())["tasks"].items():
+            if name not in results["tasks"]:
+                results["tasks"][name] = task
+                continue
+            budgets = results["tasks"][name]["budgets"]
+            for steps, methods in task["budgets"].items():
+                budgets.setdefault(steps, {}).update(
+                    {
+                        method: record
+                        for method, record in methods.items()
+                        if method != "linear" or steps not in budgets
+                    }
+                )
+    return results
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.from_json:
-        results = {"tasks": {}}
-        for path in args.from_json:
-            results["tasks"].update(json.loads(Path(path).read_text())["tasks"])
+        results = merge_results(args.from_json)
         write_docs(results)
         return results
     common.setup(args)

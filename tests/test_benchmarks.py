@@ -352,3 +352,14 @@ def test_initial_gate_shares_weight_the_gates_by_target_coverage():
     assert shares["data"]["gate_mass_on_target"] == pytest.approx(expected, rel=1e-5)
     assert shares["data"]["mean_gate"] == pytest.approx(gates.mean().item(), rel=1e-5)
     assert 0 <= shares["random"]["share_of_zero_gates"] <= 1
+
+
+def test_transfer_merge_joins_methods_of_the_same_task_and_budget(tmp_path):
+    def results(methods: dict) -> dict:
+        return {"tasks": {"clutter-4": {"probe_lr": 0.03, "budgets": {"200": methods}}}}
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(results({"linear": {"runs": 1}, "lora": {"runs": 2}, "toast": {"runs": 3}})))
+    second.write_text(json.dumps(results({"linear": {"runs": 9}, "toast-fast": {"runs": 4}, "toast": {"runs": 5}})))
+    merged = transfer.merge_results([first, second])["tasks"]["clutter-4"]["budgets"]["200"]
+    assert merged == {"linear": {"runs": 1}, "lora": {"runs": 2}, "toast": {"runs": 5}, "toast-fast": {"runs": 4}}
