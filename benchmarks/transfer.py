@@ -688,19 +688,31 @@ def write_docs(results: dict) -> None:
 def plot(results: dict) -> None:
     tasks = results["tasks"]
     plt, figure, axes = common.figure_per_task(len(tasks), 4.5, 3.6)
+    colors = {method: f"C{index}" for index, method in enumerate(METHODS)}
     for axis, task in zip(axes, tasks.values()):
         steps = [int(s) for s in task["budgets"]]
         methods = list(next(iter(task["budgets"].values())))
-        for method in methods:
-            means = [100 * task["budgets"][str(s)][method]["test_accuracy_mean"] for s in steps]
-            stds = [100 * task["budgets"][str(s)][method]["test_accuracy_std"] for s in steps]
-            style = "-" if method.startswith("toast") else "--"
-            axis.errorbar(steps, means, yerr=stds, fmt=style + "o", capsize=3, label=LABELS[method], markersize=4)
-        axis.set_xscale("log")
-        axis.set_xlabel("training steps (batch 16)")
+        records = {m: [task["budgets"][str(s)][m] for s in steps] for m in methods}
+        means = {m: [100 * r["test_accuracy_mean"] for r in rs] for m, rs in records.items()}
+        stds = {m: [100 * r["test_accuracy_std"] for r in rs] for m, rs in records.items()}
+        if len(steps) == 1:  # one budget: a bar per method
+            axis.bar(range(len(methods)), [means[m][0] for m in methods], yerr=[stds[m][0] for m in methods],
+                     color=[colors[m] for m in methods], capsize=3)  # fmt: skip
+            axis.set_xticks(range(len(methods)))
+            axis.set_xticklabels([LABELS[m].replace(", ", ",\n") for m in methods], fontsize=6)
+            low = min(means[m][0] - stds[m][0] for m in methods)
+            axis.set_ylim(max(0, low - 5), min(100, max(means[m][0] + stds[m][0] for m in methods) + 3))
+            axis.set_xlabel(f"{steps[0]} training steps (batch 16)")
+        else:
+            for method in methods:
+                style = "-" if method.startswith("toast") else "--"
+                axis.errorbar(steps, means[method], yerr=stds[method], fmt=style + "o", capsize=3, markersize=4,
+                              label=LABELS[method], color=colors[method])  # fmt: skip
+            axis.set_xscale("log")
+            axis.set_xlabel("training steps (batch 16)")
+            axis.legend(fontsize=7)
         axis.set_ylabel("test accuracy (%)")
         axis.set_title(f"{task['model']}\n{task['description']}", fontsize=8)
-        axis.legend(fontsize=7)
     figure.suptitle(
         "Head from the probe, one lr each (best of 3 on val), mean ± std of 3 seeds; 2-core CPU", fontsize=8
     )
