@@ -663,7 +663,7 @@ def caption(task: dict, protocol: Optional[dict] = None) -> str:
     sizes = task["sizes"]
     text = (
         f"{task['model']}, {task['description']}: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test "
-        f"images; head from the linear probe (probe lr {task['probe_lr']:g}), one learning rate for head and adapter."
+        f"examples; head from the linear probe (probe lr {task['probe_lr']:g}), one learning rate for head and adapter."
     )
     if "target_patch_share" in task:
         text += (
