@@ -45,7 +45,7 @@ from typing import Optional
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from PIL import Image
 
 from peft_toast import ToastConfig
@@ -342,18 +342,10 @@ def new_model(task: common.Task, method: str, seed: int, head: Optional[dict], s
     model = task.new_model()
     if head is not None:
         common.model_head(model).load_state_dict(head)
-    head_names = [name for name in common.HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)]
     if method in TOAST_CONFIGS:
         model = get_peft_model(model, ToastConfig(**TOAST_CONFIGS[method]))
     elif method in ("lora", "lora-src"):
-        config = LoraConfig(
-            r=common.LORA_RANK,
-            lora_alpha=2 * common.LORA_RANK,
-            lora_dropout=0.0,
-            target_modules=common._lora_targets(model),
-            modules_to_save=head_names,
-        )
-        model = get_peft_model(model, config)
+        model = common.apply_method(model, "lora")  # r=8, alpha=16 on q and v, the head trained and saved
     else:
         raise ValueError(f"Unknown method {method!r}.")
     if method in PROMPT_NORMS:

@@ -27,15 +27,15 @@ def toast_parameter_groups(
     prompt_lr: Optional[float] = None,
     weight_decay: float = 0.0,
 ) -> list[dict]:
-    """The trainable parameters of `model` (a `PeftModel` with a TOAST adapter) in up to three groups, each a dict for
+    """The trainable parameters of `model` (a `PeftModel` with a TOAST adapter) in up to four groups, each a dict for
     a torch optimizer with a `name`:
 
     - `"top_down"`: feedback maps (down-maps, readouts, their low-rank or TOAST-Lite factors) and channel selection, at
       `lr`, with `weight_decay`;
     - `"prompt"`: the token-selection prompt, at `prompt_lr` (default `lr`), with `weight_decay` (the reference decays
       it too);
-    - `"head"`: everything else that trains, i.e. the task head (`modules_to_save`), at `head_lr` (default `lr`),
-      without weight decay on biases.
+    - `"head"` and `"head_no_decay"`: everything else that trains, i.e. the task head (`modules_to_save`), at `head_lr`
+      (default `lr`); its biases in the second group, without weight decay.
 
     Empty groups are left out. Every trainable parameter is in exactly one group.
     """
