@@ -87,7 +87,8 @@ class ToastConfig(PeftConfig):
         modules_to_save (`list[str]`, *optional*):
             Modules trained and saved in full besides the adapter. `None` (default) picks the task head of a
             classification model (`classifier` / `score`), as PEFT's `SEQ_CLS` task type does; pass `[]` to keep the
-            head frozen.
+            head frozen (without `task_type="SEQ_CLS"`, whose PEFT model always trains the head: the two are refused
+            together).
         pretuned_on (`str`, *optional*):
             What the top-down path was pre-tuned on (data, objective, steps), recorded by `peft_toast.pretune` and kept
             by `load_initialisation`, so that a shared adapter's model card says where its prompt and feedback maps
@@ -237,6 +238,12 @@ class ToastConfig(PeftConfig):
             raise ValueError(
                 f"`modules_to_save` must be None (the task head of a classification model), [] or a list of module "
                 f"names, got {self.modules_to_save!r}."
+            )
+        if self.modules_to_save is not None and len(self.modules_to_save) == 0 and str(self.task_type) == "SEQ_CLS":
+            raise ValueError(
+                "`modules_to_save=[]` asks for a frozen head, but `task_type='SEQ_CLS'` makes PEFT train and save the "
+                "classification head (`classifier` / `score`) whatever `modules_to_save` says. Drop `task_type` to keep "
+                "the head frozen, or drop `modules_to_save=[]` to train it."
             )
         if self.pretuned_on is not None and not isinstance(self.pretuned_on, str):
             raise ValueError(

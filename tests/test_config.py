@@ -76,6 +76,17 @@ def test_invalid_value_raises_naming_the_field(name, value):
     assert "must be" in message or "List each block once" in message  # says what is accepted
 
 
+def test_frozen_head_with_seq_cls_is_refused_and_frozen_without_it():
+    """PEFT's SEQ_CLS model adds the head to `modules_to_save` on its own; `[]` with it would silently train the head."""
+    with pytest.raises(ValueError, match=r"`modules_to_save=\[\]`.*SEQ_CLS.*Drop `task_type`"):
+        ToastConfig(task_type="SEQ_CLS", modules_to_save=[])
+    model = get_peft_model(make_vit(num_labels=3), ToastConfig(modules_to_save=[]))
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trainable and all("toast_" in name for name in trainable)  # the head stays frozen
+    model = get_peft_model(make_vit(num_labels=3), ToastConfig(task_type="SEQ_CLS"))
+    assert any("classifier" in name for name, p in model.named_parameters() if p.requires_grad)
+
+
 def test_feedback_rank_and_lite_rank_are_exclusive():
     with pytest.raises(ValueError, match=r"`feedback_rank` and `lite_rank` are mutually exclusive.*Set only one"):
         ToastConfig(feedback_rank=4, lite_rank=4)
