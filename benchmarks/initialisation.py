@@ -185,7 +185,7 @@ class FeatureSplit:
 @torch.no_grad()
 def with_pass1_features(model: nn.Module, split: common.Split) -> FeatureSplit:
     tuner = model.base_model
-    no_cache = {"use_cache": False} if tuner._toast_architecture.causal else {}
+    no_cache = {"use_cache": False} if tuner.architecture.causal else {}
     features = []
     for start in tqdm(range(0, len(split), BATCH_SIZE_NO_GRAD), desc="pass-1 features", leave=False):
         batch = split.batch(range(start, min(start + BATCH_SIZE_NO_GRAD, len(split))))

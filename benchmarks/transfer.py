@@ -50,7 +50,10 @@ from PIL import Image
 
 from peft_toast import ToastConfig
 
-METHODS = ("linear", "lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-fast", "toast-r8", "toast-lite")
+METHODS = (
+    "linear", "lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-fast", "toast-r8", "toast-lite",
+    "toast-contrast", "toast-oracle",
+)  # fmt: skip
 LABELS = {
     "linear": "linear probe",
     "lora": "LoRA r=8 (q, v)",
@@ -61,6 +64,8 @@ LABELS = {
     "toast-fast": "TOAST, prompt of norm 1",
     "toast-r8": "TOAST, feedback_rank=8",
     "toast-lite": "TOAST-Lite, lite_rank=8",
+    "toast-contrast": "TOAST, contrast prompt",
+    "toast-oracle": "TOAST, prompt from the target boxes (diagnostic)",
 }
 TOAST_CONFIGS = {
     "toast": {},
@@ -69,11 +74,17 @@ TOAST_CONFIGS = {
     "toast-fast": {},
     "toast-r8": {"feedback_rank": 8},
     "toast-lite": {"lite_rank": 8},
+    "toast-contrast": {},
+    "toast-oracle": {},
     "toast-pretune": {"variational_loss_weight": 0.1},  # the source stage of "toast-src"
 }
 # Prompt norms set after initialising the prompt from training images: Adam turns a prompt by about lr / |p| radians
 # per step, so the data prompt of norm sqrt(d) (~20 on DINOv2-S) barely turns in a few hundred steps at 1e-4.
 PROMPT_NORMS = {"toast-fast": 1.0}
+# Prompt directions set before training (norm sqrt(d), like the data prompt): "contrast" from 64 training images without
+# labels; "oracle" from the target boxes of the whole training split -- privileged, a diagnostic of what selection
+# alone can do, never a method.
+PROMPT_DIRECTIONS = ("toast-contrast", "toast-oracle")
 # Methods that start from a source stage (`--source-classes`), and the method that makes it.
 SOURCE_OF = {"lora-src": "lora", "toast-src": "toast"}
 # One learning rate for the head and the adapter (the head starts at the probe); three values each, ~3x apart. Full-rank
@@ -87,6 +98,8 @@ LEARNING_RATES = {
     "toast-fast": (3e-5, 1e-4, 3e-4),
     "toast-r8": (3e-4, 1e-3, 3e-3),
     "toast-lite": (3e-4, 1e-3, 3e-3),
+    "toast-contrast": (1e-4, 3e-4, 1e-3),
+    "toast-oracle": (1e-4, 3e-4, 1e-3),
 }
 LEARNING_RATES["lora-src"] = LEARNING_RATES["lora"]
 LEARNING_RATES["toast-src"] = LEARNING_RATES["toast"]
@@ -352,11 +365,42 @@ def new_model(task: common.Task, method: str, seed: int, head: Optional[dict], s
         prompt = model.initialise_prompt(pixel_values=task.splits["train"].pixel_values[:64])
         with torch.no_grad():
             prompt.mul_(PROMPT_NORMS[method] / prompt.norm())
+    if method in PROMPT_DIRECTIONS:
+        split = task.splits["train"]
+        if method == "toast-oracle":
+            direction = target_direction(split.toast_features, split.target)
+        else:
+            direction = contrast_direction(split.toast_features[:64])
+        prompt = model.base_model.toast_prompt["default"]
+        with torch.no_grad():
+            prompt.copy_(direction * (prompt.numel() ** 0.5 / direction.norm()))
     if method in SOURCE_OF:
         missing = set(adapter_tensors(model)) - set(source[method])
         assert not missing, f"the source stage has no {sorted(missing)[:3]}"
         model.load_state_dict(source[method], strict=False)
     return model
+
+
+def _units(features: torch.Tensor) -> torch.Tensor:
+    features = features.float()
+    return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def contrast_direction(features: torch.Tensor) -> torch.Tensor:
+    """From pass-1 features `(B, N, d)`, no labels: the mean direction of the tokens weighted by how far each lies from
+    the mean direction (1 - cos), minus the mean direction. Its cosine gates open on the tokens unlike the common one."""
+    units = _units(features).flatten(0, 1)  # (B*N, d)
+    mean = units.mean(0)
+    weights = (1 - units @ (mean / mean.norm())).clamp_min(0)  # (B*N,)
+    return (weights[:, None] * units).sum(0) / weights.sum() - mean
+
+
+def target_direction(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean direction of the tokens mostly on the target (coverage > 0.5) minus that of the tokens off it."""
+    units = _units(features)
+    on, off = (target > 0.5).float(), (target == 0).float()
+    off[:, 0] = 0  # not the CLS token
+    return (units * on[..., None]).sum((0, 1)) / on.sum() - (units * off[..., None]).sum((0, 1)) / off.sum()
 
 
 def adapter_tensors(model) -> dict[str, torch.Tensor]:

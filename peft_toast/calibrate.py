@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .config import ToastConfig
 from .io import atomic_save_pretrained
 from .layer import ToastLayer
-from .model import block_input_output
+from .passes import block_input_output
 from .topdown import FeedbackMap
 
 # Relative ridge: lambda = DEFAULT_RIDGE * trace(G) / d, i.e. relative to the mean energy of one channel of h_out.
@@ -147,10 +147,10 @@ def collect_block_statistics(
     """
     tuner = peft_model.base_model
     adapter_name = adapter_name or tuner.active_adapters[0]
-    layers = tuner._toast_layers(adapter_name)
+    layers = tuner.toast_layers(adapter_name)
     if not layers:
         raise ValueError(f"Adapter {adapter_name!r} has no feedback maps; is it a TOAST adapter of this model?")
-    blocks = tuner._toast_architecture.blocks
+    blocks = tuner.architecture.blocks
     top = max(layer.block_index for layer in layers)
     # Each block's statistics live on its own device (a model split over several GPUs keeps them apart).
     statistics = {
@@ -286,8 +286,7 @@ class CalibrationResult:
 
 def _down_maps(peft_model: nn.Module, adapter_name: str) -> dict[int, FeedbackMap]:
     return {
-        layer.block_index: layer.toast_down[adapter_name]
-        for layer in peft_model.base_model._toast_layers(adapter_name)
+        layer.block_index: layer.toast_down[adapter_name] for layer in peft_model.base_model.toast_layers(adapter_name)
     }
 
 
@@ -441,7 +440,7 @@ def load_initialisation(
 
     saved_maps = _saved_maps_by_block(saved, tuner)
     kept_init = []
-    for layer in tuner._toast_layers(adapter_name):
+    for layer in tuner.toast_layers(adapter_name):
         for kind in ("toast_down",) if fresh_readout else ToastLayer.adapter_layer_names:
             if adapter_name not in getattr(layer, kind):
                 continue
@@ -481,7 +480,7 @@ def _saved_maps_by_block(saved: dict[str, torch.Tensor], tuner) -> dict[tuple[in
     A saved key such as `base_model.model.vit.layers.3.attention.v_proj.toast_down.weight` belongs to block 3 of any
     model whose value projection is `layers.3.attention.v_proj` relative to its backbone, whatever wraps the backbone.
     """
-    architecture = tuner._toast_architecture
+    architecture = tuner.architecture
     backbone_name = next(name for name, module in tuner.model.named_modules() if module is architecture.backbone)
     blocks = {}
     for index, value_name in enumerate(architecture.value_names):
@@ -713,7 +712,7 @@ def main(argv: Optional[Sequence[str]] = None) -> CalibrationResult:
     result = calibrate_feedback(peft_model, batches, ridge=args.ridge, autocast_dtype=autocast_dtype)
     atomic_save_pretrained(peft_model, args.output)
     print(
-        f"Calibrated {len(peft_model.base_model._toast_layers(peft_model.active_adapter))} down-maps on "
+        f"Calibrated {len(peft_model.base_model.toast_layers(peft_model.active_adapter))} down-maps on "
         f"{result.num_tokens} tokens in {result.seconds:.1f} s: variational loss {result.loss_before:.4g} -> "
         f"{result.loss_after:.4g}. Adapter saved to {os.path.abspath(args.output)}."
     )

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 from transformers import default_data_collator
 
-from .model import FEATURES_ARGUMENT, ToastModel
+from .model import ToastModel
+from .passes import FEATURES_ARGUMENT
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -110,7 +111,7 @@ def feature_cache_key(model: nn.Module, dtype: str = "float32", input_columns: S
 
 
 def _base_model_hash(tuner: ToastModel) -> str:
-    architecture = tuner._toast_architecture
+    architecture = tuner.architecture
     backbone = architecture.backbone
     trainable = [name for name, param in _backbone_tensors(backbone, parameters_only=True) if param.requires_grad]
     if trainable:
@@ -250,7 +251,7 @@ def precompute_features(
     key = feature_cache_key(model, dtype, input_columns)
     collate = data_collator or default_data_collator
     torch_dtype, arrow_dtype = _STORAGE[dtype]
-    extra_kwargs = {"use_cache": False} if tuner._toast_architecture.causal else {}
+    extra_kwargs = {"use_cache": False} if tuner.architecture.causal else {}
     device = next(hf_model.parameters()).device
 
     feature_shapes = []  # (N, d) of the first example: every example must have it, as the Arrow column is fixed-shape

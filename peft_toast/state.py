@@ -34,6 +34,7 @@ class CallState:
     gates: Optional[torch.Tensor] = None  # (B, N) token-selection gates of this call
     pass1_cache: Any = None
     block_io: Optional[list] = None  # (block index, input, output) of pass 2, when the variational loss needs them
+    call: Any = None  # the running `passes.steered_call` generator, between the model's pre- and post-hook
     token: Optional[Token] = field(default=None, repr=False)
 
 

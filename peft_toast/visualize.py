@@ -129,7 +129,7 @@ def _query_positions(model: PeftModel, inputs: dict) -> torch.Tensor:
     tuner = _toast_model(model)
     main = next(inputs[name] for name in ("input_ids", "inputs_embeds", "pixel_values") if name in inputs)
     batch = main.shape[0]
-    if not tuner._toast_architecture.causal:
+    if not tuner.architecture.causal:
         return torch.zeros(batch, dtype=torch.long)
     mask = inputs.get("attention_mask")
     if mask is None:

@@ -319,8 +319,8 @@ def test_a_wrong_declaration_names_the_missing_path(monkeypatch):
 
 
 def test_target_modules_naming_the_value_projection_equals_the_default():
-    by_default = get_peft_model(make_llama(), ToastConfig()).base_model._toast_architecture.value_names
-    by_name = get_peft_model(make_llama(), ToastConfig(target_modules=["v_proj"])).base_model._toast_architecture
+    by_default = get_peft_model(make_llama(), ToastConfig()).base_model.architecture.value_names
+    by_name = get_peft_model(make_llama(), ToastConfig(target_modules=["v_proj"])).base_model.architecture
     assert by_name.value_names == by_default
 
 

@@ -91,7 +91,7 @@ def test_unregularised_calibration_equals_lstsq(kind):
     model = get_peft_model(base, ToastConfig())
     result = calibrate_feedback(model, batches, ridge=0.0, progress=False)
 
-    for layer in model.base_model._toast_layers("default"):
+    for layer in model.base_model.toast_layers("default"):
         h_out, h_in = tokens[layer.block_index]
         expected = torch.linalg.lstsq(h_out, h_in).solution.T  # A h_out = h_in  <=>  h_out A^T = h_in
         torch.testing.assert_close(layer.toast_down["default"].weight.double(), expected, rtol=1e-4, atol=1e-5)
@@ -107,7 +107,7 @@ def test_ridge_calibration_equals_augmented_lstsq(kind):
     ridge = 0.05
     calibrate_feedback(model, batches, ridge=ridge, progress=False)
 
-    for layer in model.base_model._toast_layers("default"):
+    for layer in model.base_model.toast_layers("default"):
         h_out, h_in = tokens[layer.block_index]
         dim = h_out.shape[1]
         strength = ridge * (h_out**2).sum() / dim
@@ -125,11 +125,11 @@ def test_streaming_equals_one_batch():
     streamed = get_peft_model(base, ToastConfig())
     calibrate_feedback(streamed, batches, progress=False)
     streamed_weights = [
-        layer.toast_down["default"].weight.clone() for layer in streamed.base_model._toast_layers("default")
+        layer.toast_down["default"].weight.clone() for layer in streamed.base_model.toast_layers("default")
     ]
     whole = get_peft_model(streamed.unload(), ToastConfig())
     calibrate_feedback(whole, one_batch, progress=False)
-    for weight, layer in zip(streamed_weights, whole.base_model._toast_layers("default")):
+    for weight, layer in zip(streamed_weights, whole.base_model.toast_layers("default")):
         # Float32 products summed in another order: equal up to float32 rounding.
         torch.testing.assert_close(weight, layer.toast_down["default"].weight, rtol=1e-4, atol=1e-5)
 
@@ -257,7 +257,7 @@ def test_low_rank_calibration_is_the_best_rank_r_map(kind):
     calibrate_feedback(model, batches, ridge=ridge, progress=False)
 
     generator = torch.Generator().manual_seed(0)
-    for layer in model.base_model._toast_layers("default"):
+    for layer in model.base_model.toast_layers("default"):
         h_out, h_in = tokens[layer.block_index]
         dim = h_out.shape[1]
         eye = torch.eye(dim, dtype=torch.float64)
@@ -294,7 +294,7 @@ def test_lite_calibration_writes_the_frozen_map_and_zero_deltas():
     tokens = _direct_tokens(base, batches)
     model = get_peft_model(base, ToastConfig(lite_rank=2))
     calibrate_feedback(model, batches, progress=False)
-    for layer in model.base_model._toast_layers("default"):
+    for layer in model.base_model.toast_layers("default"):
         down = layer.toast_down["default"]
         expected = least_squares_map(_block_statistics(*tokens[layer.block_index]))
         assert "weight" in dict(down.named_buffers())
@@ -384,7 +384,7 @@ def test_cli_writes_a_loadable_calibrated_adapter(tiny_llama_folder, tmp_path):
     expected = get_peft_model(LlamaForCausalLM.from_pretrained(folder), ToastConfig(feedback_rank=2))
     lines = text.read_text().splitlines()[:9]
     calibrate_feedback(expected, make_batches(lines, _tiny_tokenizer(), batch_size=4), progress=False)
-    for got, want in zip(loaded.base_model._toast_layers("default"), expected.base_model._toast_layers("default")):
+    for got, want in zip(loaded.base_model.toast_layers("default"), expected.base_model.toast_layers("default")):
         torch.testing.assert_close(
             got.toast_down["default"].effective_weight(), want.toast_down["default"].effective_weight()
         )
@@ -407,7 +407,7 @@ def test_cli_autocast_option(tiny_llama_folder, tmp_path):
 def _maps(model) -> dict[tuple[int, str], torch.Tensor]:
     return {
         (layer.block_index, kind): getattr(layer, kind)["default"].effective_weight().detach().clone()
-        for layer in model.base_model._toast_layers("default")
+        for layer in model.base_model.toast_layers("default")
         for kind in ("toast_down", "toast_readout")
         if "default" in getattr(layer, kind)
     }
@@ -427,7 +427,7 @@ def calibrated_vit_backbone(tmp_path):
     model = get_peft_model(copy.deepcopy(backbone), ToastConfig(variational_loss_weight=0.1))
     calibrate_feedback(model, [make_inputs("vit", batch=4)], progress=False)
     with torch.no_grad():
-        for layer in model.base_model._toast_layers("default"):
+        for layer in model.base_model.toast_layers("default"):
             layer.toast_readout["default"].weight.normal_(std=0.1)
         model.base_model.toast_prompt["default"].normal_()
     model.save_pretrained(tmp_path / "adapter")
@@ -469,7 +469,7 @@ def test_load_initialisation_options(calibrated_vit_backbone):
     # TOAST-Lite from full-rank maps: the saved maps become the frozen weights, the deltas start at zero.
     lite = load_initialisation(make_vit(), folder, lite_rank=2)
     for (index, kind), weight in _maps(saved).items():
-        layer = next(layer for layer in lite.base_model._toast_layers("default") if layer.block_index == index)
+        layer = next(layer for layer in lite.base_model.toast_layers("default") if layer.block_index == index)
         torch.testing.assert_close(getattr(layer, kind)["default"].weight, weight)
         assert torch.count_nonzero(getattr(layer, kind)["default"].delta_u) == 0
 
@@ -494,7 +494,7 @@ def test_calibration_leaves_the_model_as_it_was():
     readouts = {k: v for k, v in _maps(model).items() if k[1] == "toast_readout"}
     calibrate_feedback(model, [make_inputs("vit")], progress=False)
     assert model.training
-    assert model.base_model._active_toast_adapter() == "default"
+    assert model.base_model.active_toast_adapter() == "default"
     for key, weight in readouts.items():
         torch.testing.assert_close(_maps(model)[key], weight)
 
@@ -527,7 +527,7 @@ def test_vision_cli_end_to_end(tmp_path):
     )
     loaded = PeftModel.from_pretrained(ViTModel.from_pretrained(folder), output)
     assert result.num_tokens == 8 * 17
-    for layer in loaded.base_model._toast_layers("default"):
+    for layer in loaded.base_model.toast_layers("default"):
         assert not torch.equal(layer.toast_down["default"].weight, torch.eye(32))
 
 

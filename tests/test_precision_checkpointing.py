@@ -78,7 +78,7 @@ def count_block_calls(model) -> list[int]:
     """Count the calls of the bottom block's value projection: 2 per step (pass 1, pass 2), plus 1 when checkpointing
     recomputes the block (transformers checkpoints a block's `forward`, so hooks on the block itself run only once)."""
     calls = [0]
-    architecture = model.base_model._toast_architecture
+    architecture = model.base_model.architecture
     value_projection = model.base_model.model.get_submodule(architecture.value_names[0])
     value_projection.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
@@ -262,7 +262,7 @@ def test_checkpointing_on_cuda_recomputes_on_the_autograd_device_thread(kind):
         if checkpointing:
             enable_checkpointing(model)
         threads = []
-        architecture = model.base_model._toast_architecture
+        architecture = model.base_model.architecture
         value_projection = model.base_model.model.get_submodule(architecture.value_names[0])
         value_projection.register_forward_hook(lambda *_: threads.append(threading.get_ident()))
         inputs = {name: tensor.cuda() for name, tensor in training_inputs(kind).items()}

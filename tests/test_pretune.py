@@ -84,7 +84,7 @@ def test_cli_pretunes_from_the_calibration_and_writes_a_loadable_adapter(tiny_ll
     loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder), output)
     config = loaded.peft_config["default"]
     assert config.variational_loss_weight == 0.01  # the reference's weight for language models
-    readouts = [layer.toast_readout["default"].weight for layer in loaded.base_model._toast_layers("default")]
+    readouts = [layer.toast_readout["default"].weight for layer in loaded.base_model.toast_layers("default")]
     assert all(torch.count_nonzero(weight) > 0 for weight in readouts)  # the LM loss trained them
 
 
@@ -126,7 +126,7 @@ def test_cli_pretunes_on_labelled_source_classes_and_a_transfer_starts_from_it(t
     transfer = load_initialisation(target, output)
     tuner = transfer.base_model
     torch.testing.assert_close(tuner.toast_prompt["default"].detach(), saved["base_model.toast_prompt"])
-    for layer in tuner._toast_layers("default"):
+    for layer in tuner.toast_layers("default"):
         key = next(k for k in saved if f"layers.{layer.block_index}." in k and "toast_readout" in k)
         torch.testing.assert_close(layer.toast_readout["default"].weight.detach(), saved[key])
     assert tuner.model.classifier.modules_to_save["default"].weight.shape[0] == 3  # a fresh head for the target

@@ -1,0 +1,347 @@
+"""The TOAST runtime: what one steered forward call does, in order.
+
+`steered_call` is the whole call, top to bottom: pass 1 → token and channel selection → feedback → pass 2 → loss. Pass 2
+is the wrapped model's own forward (so `generate`, Trainer and every caller reach TOAST through the ordinary model
+call); the two hooks that `ToastModel` registers on the wrapped model only drive `steered_call`: the pre-hook makes the
+call's state current and runs the call up to its `yield`, the wrapped forward runs (pass 2; each `ToastLayer` reads its
+signal with `state.current_signal`), and the post-hook ends the state and sends pass 2's output back in. The call's
+signals live in its `state.CallState`, never on the model.
+
+The remaining functions are the steps `steered_call` names, the checks it makes, and the small hooks on the feature
+module and the blocks that stop pass 1 at the feature and record what the variational loss needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+from .generation import CACHE_ARGUMENT_NAMES, attach_to_output, prepare_pass1_cache, refuse_toast_filled_cache
+from .state import CallState, Pass1Done, current_state, use_state
+from .topdown import feedback_chain, rms_normalise, token_selection, unit_token_sum
+
+# Keyword arguments that pass 1 does not need (it stops at the feature, before any head or loss).
+PASS2_ONLY_ARGUMENTS = ("labels", "output_attentions", "output_hidden_states")
+# The main input of transformers models, in the order they are looked for; the first two are token sequences.
+_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+_TOKEN_INPUT_NAMES = ("input_ids", "inputs_embeds")
+# Keyword argument of a TOAST forward call that hands over a precomputed pass-1 feature, `(B, N, d)`, so that pass 1 is
+# skipped (`peft_toast.feature_cache`). It is removed before the wrapped model's forward sees it.
+FEATURES_ARGUMENT = "toast_features"
+
+
+def steered_call(tuner, state: CallState, module: nn.Module, args: tuple, kwargs: dict) -> Generator:
+    """One forward call of the wrapped model `module` through the TOAST tuner `tuner`; `state` is the call's state
+    (already current, so that the hooks inside the model see it).
+
+    A generator driven by the hooks: the first `next` runs everything before pass 2 and yields the `(args, kwargs)` the
+    wrapped forward must run with (or None: unchanged); `send(output)` finishes the call and yields the output to
+    return.
+    """
+    # Popped in place: the wrapped model never sees it, adapters enabled or not.
+    given_features = kwargs.pop(FEATURES_ARGUMENT, None)
+    changed = None if given_features is None else (args, kwargs)
+    adapter_name = tuner.active_toast_adapter()
+    if adapter_name is None:  # adapters disabled (or none left): the base model, unsteered
+        if tuner.architecture.causal:
+            refuse_toast_filled_cache(kwargs)
+        yield (yield changed)
+        return
+    config = tuner.peft_config[adapter_name]
+    check_inputs(tuner.toast_prompt[adapter_name], args, kwargs)
+    tuner.wrap_gradient_checkpointing()
+
+    # 1. Pass 1: the frozen model without signals, up to the feature `(B, N, d)` (or the feature handed over).
+    if given_features is None:
+        features = tuner.run_pass1(module, args, pass1_arguments(tuner, kwargs, adapter_name, state))
+    else:
+        features = state.feature = check_given_features(tuner, module, kwargs, given_features, adapter_name)
+    check_feature(features, kwargs.get("attention_mask"))
+
+    # 2-3. Token and channel selection, then the feedback path: one signal `t_l` per steered block.
+    set_prompt_from_data(tuner, adapter_name, features, kwargs.get("attention_mask"))
+    state.signals, state.gates = tuner.top_down_signals(adapter_name, features)
+    if tuner.training and config.variational_loss_weight > 0:
+        state.block_io = []  # filled by the block recorders during pass 2
+
+    # 4. Pass 2: the wrapped model's own forward, every ToastLayer adding `W_v t_l` to its values.
+    output = yield changed
+
+    # 5. The output: the pass-1 KV cache tied to the returned cache; the variational loss when pre-tuning.
+    attach_to_output(output, state.pass1_cache)
+    if state.block_io:
+        add_variational_loss(tuner, adapter_name, output, state.block_io)
+    yield output
+
+
+def pass1_arguments(tuner, kwargs: dict, adapter_name: str, state: CallState) -> dict:
+    """Pass 1's keyword arguments: no labels or outputs it does not need; for a decoder, its own KV cache (tied to the
+    main cache that pass 2 uses) in place of the main one."""
+    pass1_kwargs = {key: value for key, value in kwargs.items() if key not in PASS2_ONLY_ARGUMENTS}
+    if tuner.architecture.causal:
+        cache_name, state.pass1_cache = prepare_pass1_cache(tuner.model, kwargs, tuner.cache_argument, adapter_name)
+        for name in CACHE_ARGUMENT_NAMES:
+            pass1_kwargs.pop(name, None)
+        if state.pass1_cache is not None:
+            pass1_kwargs[cache_name] = state.pass1_cache
+            pass1_kwargs["use_cache"] = True
+    return pass1_kwargs
+
+
+def run_pass1(tuner, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Run the frozen model without signals up to the feature and return it, `(B, N, d)`."""
+    pass1 = CallState(owner=tuner, pass1=True)
+    with torch.no_grad(), use_state(pass1):
+        try:
+            # `forward`, not `__call__`: this call must not trigger our own hooks again.
+            module.forward(*args, **kwargs)
+        except Pass1Done:
+            pass
+    if pass1.feature is None:
+        raise RuntimeError(
+            "TOAST's pass 1 finished without reaching the feature module "
+            f"({type(tuner.architecture.feature_module).__name__}); check the architecture declaration."
+        )
+    return pass1.feature
+
+
+def top_down_signals(tuner, adapter_name: str, features: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Token selection, channel selection and the feedback chain for one call.
+
+    Returns `({ToastLayer: t_l of shape (B, N, d)}, gates of shape (B, N))`.
+    """
+    prompt = tuner.toast_prompt[adapter_name]
+    config = tuner.peft_config[adapter_name]
+    features = features.to(device=prompt.device, dtype=prompt.dtype)  # (B, N, d)
+    if config.feature_norm == "rms":  # scale-free feedback; the cosine gates do not change
+        features = rms_normalise(features, eps=config.cosine_eps)
+    gates, selected = token_selection(features, prompt, eps=config.cosine_eps)  # (B, N), (B, N, d)
+    if adapter_name in tuner.toast_channel:
+        selected = tuner.toast_channel[adapter_name](selected)
+    layers = tuner.toast_layers(adapter_name)
+    down_maps = [layer.toast_down[adapter_name] for layer in layers]
+    readouts = [layer.toast_readout[adapter_name] if adapter_name in layer.toast_readout else None for layer in layers]
+    signals = feedback_chain(selected, down_maps, readouts)
+    return {layer: signal for layer, signal in zip(layers, signals) if signal is not None}, gates
+
+
+@torch.no_grad()
+def set_prompt_from_data(
+    tuner, adapter_name: str, features: torch.Tensor, attention_mask: Optional[torch.Tensor], force: bool = False
+) -> bool:
+    """`prompt_init="data"`: set a prompt that is still zero to the mean direction of this call's real pass-1 tokens
+    (summed over all processes), scaled to norm `sqrt(d)` like the reference's standard-normal prompt. A prompt that is
+    not zero (loaded, copied or trained) is kept unless `force`. Returns whether the prompt was set."""
+    unset = tuner.unset_prompts
+    if adapter_name not in unset and not force:
+        return False
+    prompt = tuner.toast_prompt[adapter_name]
+    if prompt.is_meta or features.is_meta:
+        return False
+    if prompt.any() and not force:  # loaded or set by hand since it was created
+        unset.discard(adapter_name)
+        return False
+    direction = unit_token_sum(features, attention_mask, eps=tuner.peft_config[adapter_name].cosine_eps)  # (d,)
+    direction = direction.to(prompt.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every process must start from the same prompt: the sum over all their batches, as one process would see.
+        torch.distributed.all_reduce(direction)
+    norm = direction.norm()
+    if not norm > 0:  # no real token with a direction (all zero): try again on the next batch
+        return False
+    prompt.copy_((direction * (prompt.numel() ** 0.5 / norm)).to(prompt.dtype))
+    unset.discard(adapter_name)
+    return True
+
+
+def variational_loss(tuner, adapter_name: str, block_io: list) -> torch.Tensor:
+    """`sum_l MSE(A_l h_l_out, h_l_in)` over the blocks that have a down-map; inputs and outputs are detached, so only
+    the down-maps receive its gradient."""
+    layers = {layer.block_index: layer for layer in tuner.toast_layers(adapter_name)}
+    terms = [
+        torch.nn.functional.mse_loss(layers[index].toast_down[adapter_name](h_out.to(h_in.dtype)), h_in)
+        for index, h_in, h_out in block_io
+        if index in layers
+    ]
+    return torch.stack(terms).sum()
+
+
+def add_variational_loss(tuner, adapter_name: str, output, block_io: list) -> None:
+    """Report the variational loss as `output.toast_variational_loss` and add `weight x` it to `output.loss` (or make
+    it the loss when the model computed none: a backbone, or no labels, as in pre-tuning on the variational loss
+    alone)."""
+    weight = tuner.peft_config[adapter_name].variational_loss_weight
+    loss = tuner.variational_loss(adapter_name, block_io)
+    output["toast_variational_loss"] = loss.detach()
+    if getattr(output, "loss", None) is not None:
+        output["loss"] = output.loss + weight * loss.to(output.loss.dtype)
+    else:
+        output["loss"] = weight * loss
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+
+
+def check_given_features(tuner, module: nn.Module, kwargs: dict, features, adapter_name: str) -> torch.Tensor:
+    """Check a precomputed pass-1 feature (`toast_features=`) and refuse it where it cannot equal what pass 1 would
+    compute; turns the KV cache of a decoder off (a cache returned now would lack its pass-1 twin)."""
+    dim = tuner.toast_prompt[adapter_name].shape[0]
+    if not isinstance(features, torch.Tensor) or features.ndim != 3 or features.shape[-1] != dim:
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(
+            f"`{FEATURES_ARGUMENT}` must be the pass-1 feature of shape (batch, tokens, {dim}), got {shape}. "
+            f"Compute it with `peft_toast.feature_cache.precompute_features`."
+        )
+    if tuner.architecture.causal:
+        cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
+        if cache is not None or kwargs.get("use_cache"):
+            raise ValueError(
+                f"`{FEATURES_ARGUMENT}` covers exactly the tokens of one teacher-forced call, but this call decodes "
+                f"with a KV cache (`generate` or `use_cache=True`), which must run pass 1 on every new token. Drop "
+                f"`{FEATURES_ARGUMENT}` to generate."
+            )
+        kwargs["use_cache"] = False
+    if module.training:
+        stochastic = stochastic_modules(tuner.architecture.backbone)
+        if stochastic:
+            raise ValueError(
+                f"`{FEATURES_ARGUMENT}` was given in training mode, but pass 1 is random or batch-dependent in "
+                f"training mode here (dropout, stochastic depth or batch norm in {', '.join(stochastic[:3])}), so "
+                f"a cached feature is not what pass 1 would compute. Set those probabilities to 0 (e.g. "
+                f"`hidden_dropout_prob=0.0`, `attention_probs_dropout_prob=0.0`) or train without the feature cache."
+            )
+    return features
+
+
+def check_inputs(prompt: torch.Tensor, args: tuple, kwargs: dict) -> None:
+    """Shape checks of one call's inputs (no data is read), so that bad input fails with a message that says what to do
+    instead of a reshape error deep inside the model or, worse, an attention mask that is silently broadcast."""
+    name = next((n for n in _INPUT_NAMES if isinstance(kwargs.get(n), torch.Tensor)), None)
+    inputs = kwargs[name] if name else (args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if inputs is None:
+        return
+    if prompt.is_meta and not inputs.is_meta:
+        raise ValueError(
+            "The TOAST adapter's weights are still on the meta device: it was created with `low_cpu_mem_usage=True` "
+            "and its weights were never loaded. Load them with `model.load_adapter(path, adapter_name)` or "
+            "`PeftModel.from_pretrained`, or create the adapter without `low_cpu_mem_usage=True`."
+        )
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise ValueError(
+            f"TOAST got an empty batch (`{name or 'inputs'}` of shape {tuple(inputs.shape)}). Skip empty batches before "
+            f"calling the model."
+        )
+    if not (name in _TOKEN_INPUT_NAMES or (name is None and not inputs.is_floating_point())):
+        return
+    batch, length = inputs.shape[:2]
+    if length == 0:
+        raise ValueError(
+            f"TOAST got sequences of length 0 (`{name or 'input_ids'}` of shape {tuple(inputs.shape)}). Every sequence "
+            f"needs at least one token; to generate from nothing, start from the BOS token."
+        )
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return
+    cache = next((kwargs[n] for n in CACHE_ARGUMENT_NAMES if kwargs.get(n) is not None), None)
+    cached = cache is not None and (not isinstance(cache, Cache) or cache.get_seq_length() > 0)
+    # Without a cache the mask covers exactly the inputs; with one it also covers the cached tokens.
+    if mask.shape[0] != batch or mask.shape[1] < length or (not cached and mask.shape[1] != length):
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(mask.shape)} but the inputs have batch size {batch} and {length} tokens"
+            f"{' (plus cached tokens)' if cached else ''}. Pass the mask that the tokenizer returned with these inputs: "
+            f"one row per sequence, one entry per token (cached tokens included)."
+        )
+
+
+def check_feature(features: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> None:
+    """Refuse a pass-1 feature `(B, N, d)` that is NaN or infinite at a real (unmasked) token. This is the one check per
+    call that reads data, and it reads a tensor that pass 1 computed anyway; stopping here keeps NaN out of the
+    signals, the loss, the gradients and finally the saved adapter."""
+    if features.is_meta:
+        return
+    bad = ~torch.isfinite(features).all(dim=-1)  # (B, N)
+    mask = attention_mask
+    if (
+        isinstance(mask, torch.Tensor)
+        and mask.dim() == 2
+        and mask.shape[0] == bad.shape[0]
+        and mask.shape[1] >= bad.shape[1]
+    ):
+        bad &= mask[:, -bad.shape[1] :].to(device=bad.device, dtype=torch.bool)  # padding may be anything
+    if bad.any():
+        rows = sorted(set(bad.nonzero()[:, 0].tolist()))
+        raise ValueError(
+            f"TOAST's pass 1 produced NaN or inf at real (unpadded) tokens of batch rows {rows[:10]}: the inputs contain "
+            f"NaN/inf, or the frozen model overflows in {features.dtype}. Check the inputs (`torch.isfinite(x).all()`) "
+            f"or run the base model in float32 or bfloat16. The call stopped before any signal, loss or gradient was "
+            f"computed."
+        )
+
+
+def stochastic_modules(backbone: nn.Module) -> list[str]:
+    """Names of the modules that make a forward of `backbone` random or batch-dependent in its current mode: dropout
+    (a module, or a `*drop*` probability attribute, as transformers' attention classes keep it), stochastic depth and
+    batch norm in training mode."""
+    found = []
+    for name, module in backbone.named_modules():
+        if not module.training:
+            continue
+        stochastic = isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+        stochastic = stochastic or isinstance(module, nn.modules.batchnorm._BatchNorm)
+        stochastic = stochastic or any(
+            "drop" in key and isinstance(value, float) and value > 0 for key, value in vars(module).items()
+        )
+        if stochastic:
+            found.append(name or type(backbone).__name__)
+    return found
+
+
+# ------------------------------------------------------------------------------------- hooks inside the model
+
+
+def capture_feature(module: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook on the feature module: in pass 1, hand the feature over and stop the pass."""
+    state = current_state()
+    if state is not None and state.pass1:
+        state.feature = output[0] if isinstance(output, tuple) else output
+        raise Pass1Done
+
+
+def check_given_feature(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the first block: a precomputed pass-1 feature must have this call's `(B, N, d)`."""
+    state = current_state()
+    if state is None or state.pass1 or state.feature is None:
+        return
+    hidden = args[0] if args else kwargs["hidden_states"]  # (B, N, d)
+    if tuple(hidden.shape) != tuple(state.feature.shape):
+        raise ValueError(
+            f"`{FEATURES_ARGUMENT}` has shape {tuple(state.feature.shape)}, but this call's tokens have shape "
+            f"{tuple(hidden.shape)} (batch, tokens, hidden size): the cached feature does not belong to these inputs. "
+            f"Pass the feature precomputed for exactly this batch, in the same order."
+        )
+
+
+def block_recorder(index: int):
+    """Forward hook on block `index`: in pass 2 of a call that needs the variational loss, record the block's input
+    and output (detached)."""
+
+    def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        state = current_state()
+        if state is None or state.block_io is None or state.pass1:
+            return
+        hidden_in, hidden_out = block_input_output(args, kwargs, output)
+        state.block_io.append((index, hidden_in.detach(), hidden_out.detach()))
+
+    return record
+
+
+def block_input_output(args: tuple, kwargs: dict, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block `l`'s residual-stream input and output `(h_l_in, h_l_out)`, each `(B, N, d)`, from a forward hook's view
+    (the variational loss and `peft_toast.calibrate` read the same tensors)."""
+    hidden_in = args[0] if args else kwargs["hidden_states"]
+    hidden_out = output[0] if isinstance(output, tuple) else output
+    return hidden_in, hidden_out
