@@ -7,7 +7,10 @@ from typing import Optional, Union
 
 from peft import PeftConfig
 
-from .registration import TOAST_PEFT_TYPE
+from .upstream import add_peft_type
+
+TOAST_NAME = "toast"
+TOAST_PEFT_TYPE = add_peft_type(TOAST_NAME.upper())  # PeftType.TOAST
 
 CHANNEL_SELECTION_CHOICES = ("identity", "full", "low_rank")
 DOWN_INIT_CHOICES = ("identity", "reference")

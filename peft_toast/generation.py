@@ -11,24 +11,15 @@ the pass-1 cache too.
 from __future__ import annotations
 
 import copy
-import functools
-import types
 from typing import Optional
 
 from transformers.cache_utils import Cache, DynamicCache
 
+from .upstream import mirror_cache_calls
+
 PASS1_CACHE_ATTR = "_toast_pass1_cache"
 ADAPTER_ATTR = "_toast_adapter_name"  # on the pass-1 cache: the adapter whose signals filled the main cache
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
-# Cache methods that change which sequences/positions the cache holds; pass 1 must follow each of them.
-_MIRRORED_METHODS = (
-    "reorder_cache",
-    "crop",
-    "batch_repeat_interleave",
-    "batch_select_indices",
-    "reset",
-    "activate_past_recording",
-)
 
 
 def get_pass1_cache(main_cache: Cache) -> Optional[Cache]:
@@ -40,26 +31,7 @@ def attach_pass1_cache(main_cache: Cache, pass1_cache: Cache) -> None:
     if get_pass1_cache(main_cache) is pass1_cache:
         return
     setattr(main_cache, PASS1_CACHE_ATTR, pass1_cache)
-    for name in _MIRRORED_METHODS:
-        method = getattr(type(main_cache), name, None)
-        if method is not None:
-            # A bound method, not a closure over `main_cache`: `copy.deepcopy` rebinds it to the copy (as when a prompt
-            # cache is copied for reuse), so the copy mirrors its own pass-1 cache instead of the original's.
-            setattr(main_cache, name, types.MethodType(_mirrored(method, name), main_cache))
-
-
-def _mirrored(method, name: str):
-    """`method` of the main cache, followed by the same call on its pass-1 cache."""
-
-    @functools.wraps(method)
-    def mirrored(main_cache: Cache, *args, **kwargs):
-        result = method(main_cache, *args, **kwargs)
-        follower = get_pass1_cache(main_cache)
-        if follower is not None:
-            getattr(follower, name)(*args, **kwargs)
-        return result
-
-    return mirrored
+    mirror_cache_calls(main_cache, get_pass1_cache)
 
 
 def prepare_pass1_cache(model, kwargs: dict, cache_argument: str, adapter_name: str) -> tuple[str, Optional[Cache]]:

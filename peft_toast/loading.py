@@ -34,8 +34,8 @@ from safetensors import safe_open
 from torch import nn
 
 from .architectures import dims_mismatch, model_dims, resolve_architecture
-from .config import ToastConfig
-from .registration import TOAST_PEFT_TYPE, register
+from .config import TOAST_PEFT_TYPE, ToastConfig
+from .registration import register
 
 # Bytes per element of the safetensors dtypes an adapter can hold.
 _SAFETENSORS_ITEMSIZE = {

@@ -18,6 +18,7 @@ from .layer import ToastLayer, value_input_features
 from .passes import FEATURES_ARGUMENT, steered_call
 from .state import CallState, checkpoint_with_signals, current_state, pop_state, push_state
 from .topdown import FeedbackMap
+from .upstream import wrap_block_checkpointing
 
 # Heads of transformers' classification models: trained and saved by default, as PEFT's SEQ_CLS task type does.
 CLASSIFICATION_HEAD_NAMES = ("classifier", "score")
@@ -277,10 +278,7 @@ class ToastModel(BaseTuner):
 
     def wrap_gradient_checkpointing(self) -> None:
         """Make the blocks' gradient checkpointing recompute with the signals of the call that ran them."""
-        for block in self._toast_architecture.blocks:
-            fn = getattr(block, "_gradient_checkpointing_func", None)
-            if fn is not None and getattr(block, "gradient_checkpointing", False):
-                block._gradient_checkpointing_func = checkpoint_with_signals(fn)
+        wrap_block_checkpointing(self._toast_architecture.blocks, checkpoint_with_signals)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):

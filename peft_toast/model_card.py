@@ -6,8 +6,9 @@ the parameter counts and the code that loads it.
 
 How it gets there. PEFT writes README.md in `PeftModel.create_or_update_model_card(output_dir)`, a method of the
 `PeftModel`; the TOAST tuner never sees the `PeftModel` that wraps it, so PEFT offers no per-model hook. Instead,
-`patch_peft_model()` (run once when `peft_toast` is imported) wraps two `PeftModel` methods, and each wrapper first calls
-PEFT's own method unchanged and does nothing else unless the model holds a TOAST adapter:
+`patch_peft_model()` (run once when `peft_toast` is imported; the patch is `upstream.extend_peft_model_card`) wraps two
+`PeftModel` methods, and each wrapper first calls PEFT's own method unchanged and does nothing else unless the model
+holds a TOAST adapter:
 
 - `create_or_update_model_card` (called by `save_pretrained`): adds the TOAST section to the card PEFT just wrote;
 - `_upload_modified_files` (called by `push_to_hub` right before the upload): transformers' `push_to_hub` overwrites
@@ -21,7 +22,6 @@ whatever else the card holds (text written by hand on the Hub, PEFT's framework 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
 from typing import Optional
@@ -32,6 +32,7 @@ from peft import PeftConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
 
 from .config import ToastConfig
+from .upstream import extend_peft_model_card
 
 CARD_TAGS = ("toast", "peft-toast")
 SECTION_START = "<!-- peft-toast:start -->"
@@ -199,29 +200,5 @@ def update_model_card(model: PeftModel, output_dir: str, adapter_id: Optional[st
 
 def patch_peft_model() -> None:
     """Make `PeftModel.save_pretrained` and `PeftModel.push_to_hub` write the TOAST card (idempotent; PEFT's behaviour
-    for every other method is unchanged)."""
-    original_card = PeftModel.create_or_update_model_card
-    if getattr(original_card, "_toast_wrapped", False):
-        return
-
-    @functools.wraps(original_card)
-    def create_or_update_model_card(self, output_dir: str):
-        original_card(self, output_dir)
-        if toast_adapter_names(self):
-            update_model_card(self, output_dir)
-
-    create_or_update_model_card._toast_wrapped = True
-    PeftModel.create_or_update_model_card = create_or_update_model_card
-
-    original_upload = PeftModel._upload_modified_files
-
-    @functools.wraps(original_upload)
-    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
-        if toast_adapter_names(self):
-            # `push_to_hub` just replaced the card that `save_pretrained` wrote with the repository's own (or a blank
-            # template): write PEFT's and TOAST's content into it again, now naming the repository.
-            original_card(self, working_dir)
-            update_model_card(self, working_dir, adapter_id=repo_id)
-        return original_upload(self, working_dir, repo_id, *args, **kwargs)
-
-    PeftModel._upload_modified_files = _upload_modified_files
+    for every other method is unchanged). The patch itself is `upstream.extend_peft_model_card`."""
+    extend_peft_model_card(toast_adapter_names, update_model_card)

@@ -1,48 +1,26 @@
 """Registering TOAST with PEFT without modifying PEFT.
 
 PEFT's public `register_peft_method` only accepts names that are already members of `peft.utils.PeftType`, a
-`str`-enum. A plugin therefore adds its member at runtime first. That touches enum internals, so it is kept to one small,
-idempotent function that is unit-tested on every supported Python.
+`str`-enum, so `peft_toast.config` adds the member first (`upstream.add_peft_type`, unit-tested on every supported
+Python). `register` then hands PEFT the config and tuner classes; it imports them when called, so that after a module
+reload (notebook autoreload) it points PEFT at the new classes.
 """
 
 from __future__ import annotations
 
-import sys
+from peft.utils import register_peft_method
 
-from peft.utils import PeftType, register_peft_method
+from .config import TOAST_NAME, TOAST_PEFT_TYPE
+from .upstream import add_peft_type
 
-TOAST_NAME = "toast"
-
-
-def add_peft_type(name: str) -> PeftType:
-    """Return `PeftType[name]`, adding `name` as a new member of the enum if it is missing (idempotent)."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    if sys.version_info >= (3, 13):
-        # Python 3.13 added a supported way to extend an enum after its creation.
-        member = str.__new__(PeftType, name)
-        member._name_, member._value_ = name, name
-        PeftType._add_member_(name, member)
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_, member._value_ = name, name
-    member.__objclass__ = PeftType
-    # Order matters: the enum metaclass refuses to set an attribute that is already a member name.
-    type.__setattr__(PeftType, name, member)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    return member
-
-
-TOAST_PEFT_TYPE = add_peft_type(TOAST_NAME.upper())
+__all__ = ["TOAST_NAME", "TOAST_PEFT_TYPE", "add_peft_type", "register"]
 
 
 def register() -> None:
     """Register TOAST with PEFT once; later calls (re-imports, reloads) are no-ops."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
-    from .config import ToastConfig
+    from .config import ToastConfig  # at call time: the current classes, also after a reload
     from .model import ToastModel
     from .model_card import patch_peft_model
 
