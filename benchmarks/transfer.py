@@ -719,6 +719,89 @@ def write_docs(results: dict) -> None:
     for name, task in results["tasks"].items():
         common.update_docs_section(f"transfer-{name}", f"{caption(task)}\n\n{summary_table(task)}")
     plot(results)
+    clutter = clutter_curves(results)
+    if len(clutter["k"]) > 1:
+        common.update_docs_section("transfer-clutter-vs-k", clutter_table(clutter))
+        plot_clutter(clutter)
+
+
+def clutter_curves(results: dict) -> dict:
+    """Per method present at every clutter level (all-class tasks `clutter-K`, their first budget): test accuracy and
+    last-block CLS attention on the target (seed 0's run) against k."""
+    tasks = {
+        int(name.split("-")[1]): task
+        for name, task in results["tasks"].items()
+        if name.startswith("clutter-") and name.count("-") == 1
+    }
+    ks = sorted(tasks)
+    budgets = {k: next(iter(tasks[k]["budgets"].values())) for k in ks}
+    methods = [m for m in METHODS if m != "toast-oracle" and all(m in budgets[k] for k in ks)]
+    curves = {"k": ks, "steps": {k: next(iter(tasks[k]["budgets"])) for k in ks}, "methods": {}}
+    for method in methods:
+        records = [budgets[k][method] for k in ks]
+        curves["methods"][method] = {
+            "mean": [100 * r["test_accuracy_mean"] for r in records],
+            "std": [100 * r["test_accuracy_std"] for r in records],
+            "best_lr": [r.get("best_lr") for r in records],
+            "attention": [r["runs"][0].get("attention_on_target") for r in records],
+        }
+    curves["frozen_attention"] = [tasks[k].get("frozen_attention_on_target") for k in ks]
+    curves["target_share"] = [tasks[k].get("target_patch_share") for k in ks]
+    return curves
+
+
+def clutter_table(curves: dict) -> str:
+    ks = curves["k"]
+    header = "| method | " + " | ".join(f"k = {k}" for k in ks) + " |\n|---|" + "---|" * len(ks)
+    rows = [
+        f"| {LABELS[m]} | "
+        + " | ".join(
+            f"**{mean:.1f} ± {std:.1f}** (lr {lr:g})" if lr is not None else f"**{mean:.1f} ± {std:.1f}**"
+            for mean, std, lr in zip(c["mean"], c["std"], c["best_lr"])
+        )
+        + " |"
+        for m, c in curves["methods"].items()
+    ]
+    attention = [
+        f"| CLS attention on target: {label} | "
+        + " | ".join("—" if a is None else f"{100 * a:.0f}%" for a in values)
+        + " |"
+        for label, values in [("frozen", curves["frozen_attention"])]
+        + [(LABELS[m], c["attention"]) for m, c in curves["methods"].items() if m != "linear"]
+    ]
+    share = "| target's share of the patches | " + " | ".join(f"{100 * s:.0f}%" for s in curves["target_share"]) + " |"
+    steps = ", ".join(sorted(set(curves["steps"].values())))
+    caption = (
+        f"Test accuracy % (mean ± std of 3 seeds; each method's learning rate chosen on validation at each k) after "
+        f"{steps} steps, and the share of the last block's CLS attention on the garment (seed 0, test split)."
+    )
+    return "\n".join([caption, "", header, *rows, *attention, share])
+
+
+def plot_clutter(curves: dict) -> None:
+    plt, figure, axes = common.figure_per_task(2, 4.5, 3.6)
+    colors = {method: f"C{index}" for index, method in enumerate(METHODS)}
+    ks = curves["k"]
+    for method, c in curves["methods"].items():
+        style = "-" if method.startswith("toast") else "--"
+        axes[0].errorbar(ks, c["mean"], yerr=c["std"], fmt=style + "o", capsize=3, markersize=4, label=LABELS[method],
+                         color=colors[method])  # fmt: skip
+        if method != "linear":
+            axes[1].plot(
+                ks, [100 * a for a in c["attention"]], style + "o", label=LABELS[method], color=colors[method]
+            )
+    axes[1].plot(ks, [100 * a for a in curves["frozen_attention"]], ":o", color="grey", label="frozen model")
+    axes[1].plot(ks, [100 * s for s in curves["target_share"]], ":", color="black", label="target's share of patches")
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].set_ylabel("last-block CLS attention on the garment (%)")
+    for axis in axes:
+        axis.set_xlabel("distractors k (MNIST digits on the 112 px canvas)")
+        axis.set_xticks(ks)
+        axis.legend(fontsize=7)
+    figure.suptitle("Cluttered Fashion-MNIST, DINOv2-S; mean ± std of 3 seeds; 2-core CPU", fontsize=8)
+    figure.tight_layout()
+    common.save_figure(figure, "transfer-clutter.png")
+    plt.close(figure)
 
 
 def plot(results: dict) -> None:

@@ -363,3 +363,36 @@ def test_transfer_merge_joins_methods_of_the_same_task_and_budget(tmp_path):
     second.write_text(json.dumps(results({"linear": {"runs": 9}, "toast-fast": {"runs": 4}, "toast": {"runs": 5}})))
     merged = transfer.merge_results([first, second])["tasks"]["clutter-4"]["budgets"]["200"]
     assert merged == {"linear": {"runs": 1}, "lora": {"runs": 2}, "toast": {"runs": 5}, "toast-fast": {"runs": 4}}
+
+
+def test_clutter_curves_follow_k_and_keep_only_methods_measured_at_every_k():
+    def task(k: int, lora: float, attention: float) -> dict:
+        def record(mean, lr, shares=None):
+            return {"test_accuracy_mean": mean, "test_accuracy_std": 0.01, "best_lr": lr, "runs": [shares or {}]}
+
+        methods = {"linear": record(0.4, 0.03), "lora": record(lora, 1e-3, {"attention_on_target": attention})}
+        if k == 0:
+            methods["toast-r8"] = record(0.9, 1e-3)  # only at k = 0: left out of the curves
+        methods["toast-oracle"] = record(0.5, 1e-3)  # a diagnostic: never a curve
+        return {"frozen_attention_on_target": 0.2, "target_patch_share": 0.1, "budgets": {"200": methods}}
+
+    results = {"tasks": {"clutter-4": task(4, 0.6, 0.5), "clutter-0": task(0, 0.8, 0.7), "clutter-4-01234": {}}}
+    curves = transfer.clutter_curves(results)
+    assert curves["k"] == [0, 4] and list(curves["methods"]) == ["linear", "lora"]
+    assert curves["methods"]["lora"]["mean"] == pytest.approx([80.0, 60.0])
+    assert curves["methods"]["lora"]["attention"] == [0.7, 0.5]
+    table = transfer.clutter_table(curves)
+    assert "| LoRA r=8 (q, v) | **80.0 ± 1.0** (lr 0.001) | **60.0 ± 1.0** (lr 0.001) |" in table
+    assert "| CLS attention on target: LoRA r=8 (q, v) | 70% | 50% |" in table
+
+
+def test_prompt_directions_point_at_the_target_and_away_from_the_common_tokens():
+    features = torch.zeros(2, 5, 3)  # CLS + 4 patches per image; the target (patch 1) along e0, the rest along e1
+    features[:, :, 1] = 2.0
+    features[:, 1] = torch.tensor([3.0, 0.0, 0.0])
+    target = torch.zeros(2, 5)
+    target[:, 1] = 1.0
+    direction = transfer.target_direction(features, target)
+    torch.testing.assert_close(direction, torch.tensor([1.0, -1.0, 0.0]))
+    contrast = transfer.contrast_direction(features)  # no labels: the rare token direction minus the mean one
+    assert contrast[0] > 0 > contrast[1] and contrast[2] == 0
