@@ -31,7 +31,7 @@ import torch
 from peft import get_peft_model
 
 from peft_toast import ToastConfig
-from peft_toast.calibrate import calibrate_feedback, collect_block_statistics, reconstruction_error
+from peft_toast.calibration import calibrate_feedback, collect_block_statistics, reconstruction_error
 
 SETTINGS = {
     "float64 products": {"product_dtype": torch.float64},

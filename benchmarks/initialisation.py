@@ -43,13 +43,9 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTModel
 
 from peft_toast import ToastConfig, atomic_save_pretrained
-from peft_toast.calibrate import (
-    calibrate_feedback,
-    collect_block_statistics,
-    load_initialisation,
-    reconstruction_error,
-)
-from peft_toast.pretune import pretune_top_down
+from peft_toast.calibration import calibrate_feedback, collect_block_statistics, reconstruction_error
+from peft_toast.loading import load_initialisation
+from peft_toast.pretuning import pretune_top_down
 
 DOCS = common.REPO / "docs" / "initialisation.md"
 INITS = ("random", "zero readout", "calibrated", "pre-tuned")

@@ -5,12 +5,14 @@ Importing this package registers the method with PEFT, so that `get_peft_model(m
 """
 
 from .architectures import ToastArchitecture, register_architecture
+from .calibration import calibrate_feedback
 from .config import ToastConfig
 from .io import atomic_save_pretrained
 from .layer import ToastLayer
-from .loading import check_adapter, load_toast_adapter
+from .loading import check_adapter, load_initialisation, load_toast_adapter
 from .model import ToastModel
 from .optim import create_toast_optimizer, toast_parameter_groups
+from .pretuning import pretune_top_down
 from .registration import register
 
 register()
@@ -32,15 +34,3 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
-
-# Command-line modules, imported on first use so that `python -m peft_toast.calibrate` (or `.pretune`) does not find its
-# own module already imported by the package.
-_LAZY_EXPORTS = {"calibrate_feedback": "calibrate", "load_initialisation": "calibrate", "pretune_top_down": "pretune"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY_EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -64,7 +64,7 @@ class ToastConfig(PeftConfig):
         down_init (`str`):
             `"identity"` (default) or `"reference"` (truncated normal, std 0.02, as the reference initialises linear
             layers; a chain of such maps shrinks the signal, which is why the reference needs pre-tuning).
-            `peft_toast.calibrate` replaces either with a closed-form solution.
+            `peft_toast.calibration` (`calibrate_feedback`) replaces either with a closed-form solution.
         readout_init (`str`):
             `"zero"` (default: the adapted model starts exactly at the frozen model) or `"reference"` (truncated
             normal, std 0.02).

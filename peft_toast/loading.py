@@ -12,11 +12,17 @@ checks each of these first and says what is wrong and what to do::
 
 Adapter weights are read from safetensors, or from a legacy `adapter_model.bin` with `torch.load(weights_only=True)`,
 which refuses to run code hidden in a pickle. No string from `adapter_config.json` is evaluated or imported.
+
+`load_initialisation(new_base_model, folder)` starts a new task from a calibrated (`peft_toast.calibration`) or
+pre-tuned (`peft_toast.pretuning`) adapter folder: its feedback maps are matched block by block, so the folder may come
+from another model class of the same backbone; the new task gets a new head and, optionally, a fresh prompt or
+readouts.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -28,14 +34,16 @@ from typing import Optional, Union
 
 import torch
 from peft import PeftModel, get_peft_model
-from peft.utils import PeftType, get_peft_model_state_dict
+from peft.utils import PeftType, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import safe_open
 from torch import nn
 
 from .architectures import dims_mismatch, model_dims, resolve_architecture
 from .config import TOAST_PEFT_TYPE, ToastConfig
+from .layer import ToastLayer
 from .registration import register
+from .topdown import FeedbackMap
 
 # Bytes per element of the safetensors dtypes an adapter can hold.
 _SAFETENSORS_ITEMSIZE = {
@@ -336,3 +344,142 @@ def _expected_shapes(model: nn.Module, config: ToastConfig) -> dict[str, tuple[i
         warnings.simplefilter("ignore")
         peft_skeleton = get_peft_model(skeleton, copy.deepcopy(config))
     return {key: tuple(t.shape) for key, t in get_peft_model_state_dict(peft_skeleton).items()}
+
+
+# ------------------------------------------------------------------------------------ starting a new task from one
+
+
+def load_initialisation(
+    base_model: nn.Module,
+    adapter_dir: str,
+    *,
+    adapter_name: str = "default",
+    new_head: bool = True,
+    fresh_prompt: bool = False,
+    fresh_readout: bool = False,
+    **config_overrides,
+):
+    """Start a new task from a calibrated or pre-tuned TOAST adapter folder: one call, a trainable `PeftModel`.
+
+    The feedback maps (and, unless refreshed, the prompt, readouts and channel selection) are loaded block by block, so
+    the folder may come from another model class of the same backbone (an adapter calibrated on `ViTModel` starts a
+    `ViTForImageClassification`, one from `LlamaForCausalLM` a `LlamaForSequenceClassification`).
+
+    Args:
+        base_model: the transformers model of the new task (e.g. with a classification head of any size).
+        adapter_dir: a folder written by `save_pretrained` or `python -m peft_toast.calibrate`.
+        adapter_name: name of the new adapter.
+        new_head: keep the base model's own (freshly initialised) head and train it (`modules_to_save` defaults to the
+            task head again). `False` loads the saved head, which then must have the same shape.
+        fresh_prompt: start from a newly initialised prompt instead of the saved one.
+        fresh_readout: start from newly initialised readouts (`readout_init`, zero by default: the new task then starts
+            exactly at the frozen model's function) instead of the saved ones.
+        **config_overrides: `ToastConfig` fields to change, e.g. `train_down=False` to freeze the calibrated down-maps,
+            `lite_rank=4` to turn saved full-rank maps into TOAST-Lite's frozen maps, `layers_to_transform`. The
+            saved `variational_loss_weight` of a pre-tuned adapter is reset to 0 unless given here.
+
+    Returns:
+        A `PeftModel` whose TOAST adapter trains.
+    """
+    saved_config = ToastConfig.from_pretrained(adapter_dir)
+    # A new task is transfer: no variational loss unless asked for (pre-tuning used it).
+    overrides = {
+        "inference_mode": False,
+        "auto_mapping": None,
+        "base_model_name_or_path": None,
+        "variational_loss_weight": 0.0,
+    }
+    if new_head:
+        overrides["modules_to_save"] = None
+    config = dataclasses.replace(saved_config, **{**overrides, **config_overrides})
+    model = get_peft_model(base_model, config, adapter_name=adapter_name)
+    saved = load_peft_weights(adapter_dir, device="cpu")
+    tuner = model.base_model
+
+    saved_maps = _saved_maps_by_block(saved, tuner)
+    kept_init = []
+    for layer in tuner.toast_layers(adapter_name):
+        for kind in ("toast_down",) if fresh_readout else ToastLayer.adapter_layer_names:
+            if adapter_name not in getattr(layer, kind):
+                continue
+            where = f"{kind} of block {layer.block_index}"
+            if (layer.block_index, kind) not in saved_maps:
+                kept_init.append(where)
+                continue
+            init = saved_config.down_init if kind == "toast_down" else saved_config.readout_init
+            ranks = {"rank": saved_config.feedback_rank, "lite_rank": saved_config.lite_rank}
+            source = _saved_map(saved_maps[layer.block_index, kind], layer.in_features, init, **ranks)
+            _copy_map(getattr(layer, kind)[adapter_name], source, where=where)
+    if kept_init:
+        warnings.warn(
+            f"{adapter_dir} has no saved values for {', '.join(kept_init)}; these keep their initialisation.",
+            stacklevel=2,
+        )
+
+    dim = tuner.toast_prompt[adapter_name].shape[0]
+    if not fresh_prompt and "base_model.toast_prompt" in saved:
+        with torch.no_grad():
+            tuner.toast_prompt[adapter_name].copy_(saved["base_model.toast_prompt"])
+    prefix = "base_model.toast_channel."
+    channel = {key[len(prefix) :]: tensor for key, tensor in saved.items() if key.startswith(prefix)}
+    if channel and adapter_name in tuner.toast_channel:
+        rank = saved_config.channel_rank if saved_config.channel_selection == "low_rank" else None
+        source = _saved_map(channel, dim, "identity", rank=rank, lite_rank=None)
+        _copy_map(tuner.toast_channel[adapter_name], source, where="channel selection")
+    if not new_head:
+        head = {key: tensor for key, tensor in saved.items() if "toast_" not in key}
+        set_peft_model_state_dict(model, head, adapter_name=adapter_name)
+    return model
+
+
+def _saved_maps_by_block(saved: dict[str, torch.Tensor], tuner) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """The saved feedback-map tensors of each block of `tuner`'s model, `{(block, kind): {"weight": ...}}`.
+
+    A saved key such as `base_model.model.vit.layers.3.attention.v_proj.toast_down.weight` belongs to block 3 of any
+    model whose value projection is `layers.3.attention.v_proj` relative to its backbone, whatever wraps the backbone.
+    """
+    architecture = tuner.architecture
+    backbone_name = next(name for name, module in tuner.model.named_modules() if module is architecture.backbone)
+    blocks = {}
+    for index, value_name in enumerate(architecture.value_names):
+        relative = value_name[len(backbone_name) + 1 :] if backbone_name else value_name  # "layers.3.attention.v_proj"
+        blocks[relative] = index
+    maps: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in saved.items():
+        for kind in ToastLayer.adapter_layer_names:
+            if f".{kind}." not in key:
+                continue
+            path, parameter = key.split(f".{kind}.")
+            matches = [
+                index for relative, index in blocks.items() if path == relative or path.endswith("." + relative)
+            ]
+            if len(matches) == 1:
+                maps.setdefault((matches[0], kind), {})[parameter] = tensor
+    return maps
+
+
+def _saved_map(
+    tensors: dict[str, torch.Tensor], dim: int, init: str, *, rank: Optional[int], lite_rank: Optional[int]
+) -> FeedbackMap:
+    """Rebuild a saved `FeedbackMap` (with the parametrisation of the saved config) from its tensors."""
+    feedback_map = FeedbackMap(dim, init=init, rank=rank, lite_rank=lite_rank, device="meta")
+    feedback_map.load_state_dict(tensors, strict=True, assign=True)
+    return feedback_map
+
+
+@torch.no_grad()
+def _copy_map(target: FeedbackMap, source: FeedbackMap, where: str) -> None:
+    """Copy `source` into `target`: exactly when the parametrisations agree; into the full-rank (or TOAST-Lite frozen)
+    weight of `target` otherwise."""
+    if (target.rank, target.lite_rank, target.identity_base) == (source.rank, source.lite_rank, source.identity_base):
+        target.load_state_dict(source.state_dict())  # copies in place: parameters stay parameters
+        return
+    if target.rank is None:  # full rank, or TOAST-Lite whose deltas keep their initialisation (delta_u = 0)
+        target.weight.copy_(source.effective_weight())
+        return
+    raise ValueError(
+        f"Cannot start the rank-{target.rank} {where} from a saved map of another parametrisation "
+        f"(rank={source.rank}, lite_rank={source.lite_rank}): the best rank-{target.rank} map depends on the data. "
+        f"Calibrate with `feedback_rank={target.rank}` (`python -m peft_toast.calibrate --feedback-rank "
+        f"{target.rank}`) instead."
+    )

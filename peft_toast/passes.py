@@ -341,7 +341,7 @@ def block_recorder(index: int):
 
 def block_input_output(args: tuple, kwargs: dict, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Block `l`'s residual-stream input and output `(h_l_in, h_l_out)`, each `(B, N, d)`, from a forward hook's view
-    (the variational loss and `peft_toast.calibrate` read the same tensors)."""
+    (the variational loss and `peft_toast.calibration` read the same tensors)."""
     hidden_in = args[0] if args else kwargs["hidden_states"]
     hidden_out = output[0] if isinstance(output, tuple) else output
     return hidden_in, hidden_out

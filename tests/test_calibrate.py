@@ -1,4 +1,4 @@
-"""Closed-form calibration (`peft_toast.calibrate`) against direct least-squares solves on tiny random models, the CLI
+"""Closed-form calibration (`peft_toast.calibration`) against direct least-squares solves on tiny random models, the CLI
 end to end, and `load_initialisation`."""
 
 from __future__ import annotations
@@ -19,18 +19,17 @@ from transformers import (
 )
 
 from peft_toast import ToastConfig
-from peft_toast.calibrate import (
+from peft_toast.calibrate import main
+from peft_toast.calibration import (
     BlockStatistics,
     calibrate_feedback,
     collect_block_statistics,
     least_squares_map,
-    load_examples,
-    load_initialisation,
-    main,
-    make_batches,
     reconstruction_error,
     reduced_rank_map,
 )
+from peft_toast.cli import load_examples, make_batches
+from peft_toast.loading import load_initialisation
 
 
 def _blocks(model):

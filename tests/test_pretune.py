@@ -1,4 +1,4 @@
-"""SGD pre-tuning (`peft_toast.pretune`): the objective it optimises, what it trains, and its CLI."""
+"""SGD pre-tuning (`peft_toast.pretuning`): the objective it optimises, what it trains, and its CLI."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from test_calibrate import tiny_llama_folder  # noqa: F401  (fixture)
 from transformers import LlamaForCausalLM
 
 from peft_toast import ToastConfig, load_initialisation
-from peft_toast.calibrate import reconstruction_error
-from peft_toast.pretune import labelled_examples, main, pretune_top_down
+from peft_toast.calibration import reconstruction_error
+from peft_toast.cli import labelled_examples
+from peft_toast.pretune import main
+from peft_toast.pretuning import pretune_top_down
 
 
 def _tensors(model) -> dict[str, torch.Tensor]:
