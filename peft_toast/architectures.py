@@ -22,6 +22,13 @@ from torch import nn
 
 # Conventional names of value projections and final norms, used when a model type is not in the registry.
 VALUE_PROJECTION_NAMES = ("v_proj", "value", "v", "wv", "v_lin", "value_proj")
+# Names of projections that are certainly not value projections (queries, keys, attention outputs, MLP layers): a
+# `target_modules` naming one is refused rather than silently training something that is not TOAST.
+NOT_VALUE_PROJECTION_NAMES = (
+    "q_proj", "k_proj", "query", "key", "q", "k", "wq", "wk", "q_lin", "k_lin", "o_proj", "out_proj", "wo", "out_lin",
+    "fc1", "fc2", "c_fc", "c_proj", "up_proj", "down_proj", "gate_proj", "gate_up_proj", "w1", "w2", "w3", "lin1",
+    "lin2", "dense", "intermediate", "output", "mlp", "attention", "self_attn", "attn",
+)  # fmt: skip
 FINAL_NORM_NAMES = ("layernorm", "norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "post_layernorm")
 
 
@@ -156,6 +163,7 @@ def resolve_architecture(model: nn.Module, target_modules=None) -> ResolvedArchi
         value_names = [names[_get(block, architecture.value, model_type, "value")] for block in blocks]
     else:
         value_names = _match_targets(model, block_names, target_modules)
+        _check_targets_are_value_projections(model, value_names, target_modules)
     final_norm = _get(backbone, architecture.final_norm, model_type, "final_norm") if architecture.final_norm else None
     return ResolvedArchitecture(architecture, backbone, blocks, block_names, value_names, final_norm)
 
@@ -203,6 +211,37 @@ def _match_targets(model: nn.Module, block_names: list[str], target_modules) -> 
             f"TOAST only steers value projections; make the pattern more specific."
         )
     return per_block
+
+
+def _check_targets_are_value_projections(model: nn.Module, value_names: list[str], target_modules) -> None:
+    """Refuse matched modules that cannot be value projections: a name that is a query, key, output or MLP layer, a
+    module without a 2-D weight, or one that does not read the hidden size (TOAST adds a `(B, N, d)` signal to the
+    projection's input)."""
+    from .layer import value_input_features
+
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    for name in value_names:
+        module = model.get_submodule(name)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in NOT_VALUE_PROJECTION_NAMES:
+            raise ValueError(
+                f"`target_modules={target_modules!r}` matches `{name}`, which is not a value projection: TOAST steers "
+                f"only the values of attention (queries and keys decide what attends to what, the values carry the "
+                f"features the top-down signal adds to). Name the value projection instead (e.g. `['v_proj']`, "
+                f"`['value']`), or leave `target_modules=None` for a registered architecture."
+            )
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            raise ValueError(
+                f"`target_modules={target_modules!r}` matches `{name}` ({type(module).__name__}), which is not a linear "
+                f"projection. Name the value projection (an nn.Linear, e.g. `['v_proj']`)."
+            )
+        if isinstance(hidden, int) and value_input_features(module) != hidden:
+            raise ValueError(
+                f"`target_modules={target_modules!r}` matches `{name}`, which reads {value_input_features(module)} "
+                f"features, but the blocks' hidden size is {hidden}: a value projection reads the block's hidden "
+                f"states. Name the value projection (e.g. `['v_proj']`)."
+            )
 
 
 def _inspect(backbone: nn.Module, model_type: str) -> ToastArchitecture:

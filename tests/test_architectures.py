@@ -13,6 +13,7 @@ import torch
 import transformers
 from conftest import (
     LAYERS,
+    VOCAB,
     make_bert,
     make_dinov2,
     make_gpt2,
@@ -331,9 +332,35 @@ def test_target_modules_naming_the_value_projection_equals_the_default():
         (r".*layers\.[01]\.self_attn\.v_proj", r"in block `model.layers.2` it matches nothing"),
         (["v_proj", "k_proj"], r"in block `model.layers.0` it matches model.layers.0.self_attn.k_proj, "),
         (["v_proj", "lm_head"], r"also matches modules outside the attention blocks: \['lm_head'\].*more specific"),
+        (["q_proj"], r"matches `model.layers.0.self_attn.q_proj`, which is not a value projection.*\['v_proj'\]"),
+        (["down_proj"], r"`model.layers.0.mlp.down_proj`, which is not a value projection"),
+        (
+            r".*layers\.\d+\.input_layernorm",
+            r"`model.layers.0.input_layernorm` \(LlamaRMSNorm\), which is not a linear",
+        ),
     ],
-    ids=["matches-nothing", "only-some-blocks", "two-per-block", "outside-blocks"],
+    ids=["matches-nothing", "only-some-blocks", "two-per-block", "outside-blocks", "query", "mlp", "norm"],
 )
 def test_bad_target_modules_raise_a_clear_error(target_modules, match):
     with pytest.raises(ValueError, match=match):
         get_peft_model(make_llama(), ToastConfig(target_modules=target_modules))
+
+
+@pytest.mark.parametrize("target", ["fc1", "fc2"])
+def test_mlp_layers_of_opt_are_refused(target):
+    config = transformers.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=37,
+                                    word_embed_proj_dim=32, vocab_size=VOCAB)  # fmt: skip
+    with pytest.raises(ValueError, match=rf"`model.decoder.layers.0.{target}`, which is not a value projection"):
+        get_peft_model(transformers.OPTForCausalLM(config), ToastConfig(target_modules=[target]))
+
+
+def test_a_target_that_does_not_read_the_hidden_size_is_refused_before_any_forward():
+    """An unconventionally named projection that reads the MLP width (as `fc2` does) would crash in the first forward;
+    it is refused at creation, naming the sizes."""
+    model = make_llama()
+    for layer in model.model.layers:
+        layer.self_attn.wv = torch.nn.Linear(model.config.intermediate_size, model.config.hidden_size)
+    with pytest.raises(
+        ValueError, match=r"`model.layers.0.self_attn.wv`, which reads 37 features, but the blocks' hidden size is 32"
+    ):
+        get_peft_model(model, ToastConfig(target_modules=["wv"]))
