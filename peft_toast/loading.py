@@ -24,10 +24,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import pickle
-import struct
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -36,7 +34,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.utils import PeftType, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .architectures import dims_mismatch, model_dims, resolve_architecture
@@ -44,20 +42,6 @@ from .config import TOAST_PEFT_TYPE, ToastConfig
 from .layer import ToastLayer
 from .registration import register
 from .topdown import FeedbackMap
-
-# Bytes per element of the safetensors dtypes an adapter can hold.
-_SAFETENSORS_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
 
 
 def load_toast_adapter(
@@ -190,10 +174,19 @@ def read_adapter_weights(folder: Path) -> dict[str, tuple[int, ...]]:
     """Check the adapter weights in `folder` without executing anything; return `{key: shape}`."""
     safetensors_path, pickle_path = folder / SAFETENSORS_WEIGHTS_NAME, folder / WEIGHTS_NAME
     if safetensors_path.is_file():
-        shapes = read_safetensors_header(safetensors_path)
-        with safe_open(str(safetensors_path), framework="pt") as file:
-            _check_finite({key: file.get_tensor(key) for key in shapes}, safetensors_path)
-        return shapes
+        # safetensors' own parser refuses a file cut short anywhere, padded at the end, or whose header does not
+        # describe its bytes exactly (overlapping or inconsistent offsets) before any tensor is read.
+        try:
+            with safe_open(str(safetensors_path), framework="pt") as file:
+                state_dict = {key: file.get_tensor(key) for key in file.keys()}
+        except SafetensorError as error:
+            raise ValueError(
+                f"{str(safetensors_path)!r} is damaged or incomplete: its header is not readable or does not describe "
+                f"its bytes ({error}). Save or download the adapter again; a file cut short like this one is what an "
+                f"interrupted write leaves."
+            ) from None
+        _check_finite(state_dict, safetensors_path)
+        return {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
     if pickle_path.is_file():
         try:
             state_dict = torch.load(pickle_path, map_location="cpu", weights_only=True)
@@ -215,47 +208,6 @@ def read_adapter_weights(folder: Path) -> dict[str, tuple[int, ...]]:
         f"{str(folder)!r} has an adapter config but no weights ({SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}): the save "
         f"was interrupted or the download is incomplete. Save or download the adapter again."
     )
-
-
-def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
-    """`{key: shape}` from a safetensors file, after checking that the header is readable and the file complete.
-
-    The format is an 8-byte little-endian header length, a JSON header `{key: {dtype, shape, data_offsets}}` and the
-    tensor bytes; a file cut short anywhere fails one of the checks below.
-    """
-    damaged = f"{str(path)!r} is damaged or incomplete"
-    fix = "Save or download the adapter again; a file cut short like this one is what an interrupted write leaves."
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{damaged}: it is {size} bytes long, shorter than a safetensors header. {fix}")
-        (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > size - 8:
-            raise ValueError(f"{damaged}: its header claims {header_size} bytes but the file has {size}. {fix}")
-        try:
-            header = json.loads(file.read(header_size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{damaged}: its header is not readable. {fix}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{damaged}: its header is not a JSON object. {fix}")
-    header.pop("__metadata__", None)
-    data_size = size - 8 - header_size
-    shapes, end = {}, 0
-    for key, entry in header.items():
-        try:
-            shape = tuple(int(n) for n in entry["shape"])
-            start, stop = (int(n) for n in entry["data_offsets"])
-            expected = math.prod(shape) * _SAFETENSORS_ITEMSIZE[entry["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{damaged}: the header entry of {key!r} is malformed. {fix}") from None
-        if not 0 <= start <= stop or stop - start != expected:
-            raise ValueError(f"{damaged}: the header entry of {key!r} is inconsistent. {fix}")
-        shapes[key] = shape
-        end = max(end, stop)
-    if end != data_size:
-        raise ValueError(f"{damaged}: its header describes {end} bytes of tensors but {data_size} follow it. {fix}")
-    return shapes
 
 
 def _check_finite(state_dict: dict[str, torch.Tensor], path: Path) -> None:

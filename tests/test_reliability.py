@@ -234,10 +234,19 @@ def test_config_with_unknown_fields_warns_and_loads(saved):
 # ------------------------------------------------------------------------------------------ damaged weights
 
 
-@pytest.mark.parametrize("keep", [4, 60, -1, -300], ids=["in-length", "in-header", "last-byte", "in-data"])
-def test_truncated_safetensors_is_refused(saved, keep):
-    data = (saved.path / WEIGHTS).read_bytes()
-    (saved.path / WEIGHTS).write_bytes(data[:keep])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[:4],
+        lambda data: data[:60],
+        lambda data: data[:-1],
+        lambda data: data[:-300],
+        lambda data: data + bytes(8),  # safetensors refuses trailing bytes too ("file not fully covered")
+    ],
+    ids=["in-length", "in-header", "last-byte", "in-data", "padded"],
+)
+def test_truncated_safetensors_is_refused(saved, damage):
+    (saved.path / WEIGHTS).write_bytes(damage((saved.path / WEIGHTS).read_bytes()))
     with pytest.raises(ValueError, match=r"adapter_model.safetensors' is damaged or incomplete.*Save or download"):
         load_toast_adapter(saved.fresh_base(), saved.path)
     with pytest.raises(Exception, match="Error while deserializing header"):  # PEFT's own path refuses it too
