@@ -41,6 +41,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
 import peft_toast  # noqa: E402  (registers TOAST with PEFT)
 from peft_toast import ToastConfig  # noqa: E402
+from peft_toast.assets import resolve_model  # noqa: E402
 from peft_toast.io import atomic_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,19 +157,13 @@ def _tiny_llama_config(**kwargs) -> transformers.LlamaConfig:
 
 
 def vision_model_path(model: Optional[str], image_size: int) -> str:
-    if model is not None:
-        return model
-    from peft_toast.assets import dinov2_small_vit_path
-
-    return dinov2_small_vit_path(image_size=image_size)
+    """`model` as `peft_toast.assets.resolve_model` reads it; None is the offline DINOv2-S at `image_size` px."""
+    return resolve_model(model, default="dinov2-small", image_size=image_size)
 
 
 def text_model_path(model: Optional[str]) -> str:
-    if model is not None:
-        return model
-    from peft_toast.assets import smollm2_path
-
-    return smollm2_path()
+    """`model` as `peft_toast.assets.resolve_model` reads it; None is the offline SmolLM2-135M-Instruct."""
+    return resolve_model(model, default="smollm2-135m")
 
 
 def load_image_classifier(

@@ -30,6 +30,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification  # 
 from transformers import logging as transformers_logging  # noqa: E402
 
 from peft_toast import ToastConfig  # noqa: E402
+from peft_toast.assets import resolve_model  # noqa: E402
 from peft_toast.io import atomic_save_pretrained  # noqa: E402
 
 
@@ -156,12 +157,8 @@ def main() -> None:
     transformers_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
     start = time.perf_counter()
 
-    if args.model is None:
-        from peft_toast.assets import dinov2_small_vit_path
-
-        model_path, model_name = dinov2_small_vit_path(image_size=args.image_size), "DINOv2-S (offline)"
-    else:
-        model_path = model_name = args.model
+    model_path = resolve_model(args.model, default="dinov2-small", image_size=args.image_size)
+    model_name = "DINOv2-S (offline)" if args.model is None else args.model
     train_set, test_set, class_names = load_data(args)
     processor = AutoImageProcessor.from_pretrained(model_path)
     train, test = preprocess(train_set, processor), preprocess(test_set, processor)

@@ -15,6 +15,7 @@ import datasets
 import torch
 from transformers import AutoModelForImageClassification, PreTrainedModel, TrainingArguments, default_data_collator
 
+from peft_toast.assets import resolve_model
 from peft_toast.io import atomic_save_pretrained
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -78,21 +79,14 @@ def initialise_prompt(model, dataset: datasets.Dataset, size: int = PROMPT_SAMPL
 
 
 def image_model_path(model: Optional[str]) -> str:
-    """`model`, or the offline DINOv2-small as a ViT at 112 px when it is None."""
-    if model is not None:
-        return model
-    from peft_toast.assets import dinov2_small_vit_path
-
-    return dinov2_small_vit_path(image_size=112)
+    """`model` (a folder, a Hub id or an offline short name, see `peft_toast.assets.resolve_model`), or the offline
+    DINOv2-small as a ViT at 112 px when it is None."""
+    return resolve_model(model, default="dinov2-small", image_size=112)
 
 
 def causal_lm_path(model: Optional[str]) -> str:
-    """`model`, or the offline SmolLM2-135M-Instruct when it is None."""
-    if model is not None:
-        return model
-    from peft_toast.assets import smollm2_path
-
-    return smollm2_path()
+    """`model` (as in `image_model_path`), or the offline SmolLM2-135M-Instruct when it is None."""
+    return resolve_model(model, default="smollm2-135m")
 
 
 # ------------------------------------------------------------------------------------------------------ datasets

