@@ -490,7 +490,14 @@ def batch_order(num_examples: int, steps: int, batch_size: int, seed: int) -> li
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float = 0.1):
-    """Linear warm-up over the first `warmup_fraction` of the steps, then cosine decay to zero."""
+    """Linear warm-up over the first `warmup_fraction` of the steps, then cosine decay to zero.
+
+    Kept instead of `transformers.get_cosine_schedule_with_warmup`, which differs at every warm-up step (measured for
+    1 to 400 steps; the cosine part is identical): it gives step s the factor s / warmup, so the first step runs at
+    lr 0 (a one-step run does not train) and the peak comes a step later; here step s gets (s + 1) / warmup. Every
+    result in docs/benchmarks.md and benchmarks/results/ was trained with this schedule, and sweeps are extended by
+    new runs merged with earlier ones.
+    """
     warmup = max(1, int(steps * warmup_fraction))
 
     def factor(step: int) -> float:
