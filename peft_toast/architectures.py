@@ -16,8 +16,9 @@ declare the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
+import torch
 from torch import nn
 
 # Conventional names of value projections and final norms, used when a model type is not in the registry.
@@ -39,8 +40,14 @@ class ToastArchitecture:
     Args:
         blocks: path of the `nn.ModuleList` of transformer blocks, relative to the backbone.
         value: path of the value projection inside one block.
-        fused_qkv: the value "projection" is a fused query/key/value projection whose output is `[q | k | v]`
-            (GPT-2's `c_attn`); the signal then enters the value third only.
+        fused_qkv: the value "projection" is a fused query/key/value projection; the signal then enters its value
+            slice only. How the output is laid out, with sizes from the model config (`num_attention_heads`,
+            `num_key_value_heads` or `multi_query`, `head_dim`):
+            `"contiguous"` (or `True`): `[q | k | v]` of sizes `(h, k, k) x head_dim` (GPT-2, Phi-3, ModernBERT,
+            multi-query GPT-BigCode); `"per_head"`: `h` groups of `[q_i | k_i | v_i]` (GPT-NeoX, Bloom);
+            `"grouped"`: `k` groups of `[q ... q | k_j | v_j]` (Falcon's new decoder architecture); `"auto"`: grouped
+            if the config says `new_decoder_architecture`, contiguous if `multi_query`, per-head otherwise (Falcon,
+            GPT-BigCode). A layout whose sizes do not add up to the projection's output is refused.
         final_norm: path of the norm after the last block, relative to the backbone, or None.
         causal: decoder (causal attention). The pass-1 feature is then the last block's output *before* the final
             norm, and generation keeps a second KV cache. Encoders use the output *after* the final norm (or the last
@@ -49,9 +56,20 @@ class ToastArchitecture:
 
     blocks: str
     value: str
-    fused_qkv: bool = False
+    fused_qkv: Union[bool, str] = False
     final_norm: Optional[str] = None
     causal: bool = False
+
+    def __post_init__(self):
+        if self.fused_qkv not in (False, True, *FUSED_LAYOUTS):
+            raise ValueError(
+                f"`fused_qkv` must be False, True (= 'contiguous') or one of {', '.join(map(repr, FUSED_LAYOUTS))}, "
+                f"got {self.fused_qkv!r}."
+            )
+
+
+# Layouts of a fused query/key/value projection's output (see `ToastArchitecture.fused_qkv`).
+FUSED_LAYOUTS = ("contiguous", "per_head", "grouped", "auto")
 
 
 _LLAMA_LIKE = ToastArchitecture(blocks="layers", value="self_attn.v_proj", final_norm="norm", causal=True)
@@ -64,6 +82,28 @@ ARCHITECTURES: dict[str, ToastArchitecture] = {
     "roberta": ToastArchitecture(blocks="encoder.layer", value="attention.self.value"),
     # decoders
     "gpt2": ToastArchitecture(blocks="h", value="attn.c_attn", fused_qkv=True, final_norm="ln_f", causal=True),
+    "gpt_neox": ToastArchitecture(
+        blocks="layers",
+        value="attention.query_key_value",
+        fused_qkv="per_head",
+        final_norm="final_layer_norm",
+        causal=True,
+    ),
+    "bloom": ToastArchitecture(
+        blocks="h", value="self_attention.query_key_value", fused_qkv="per_head", final_norm="ln_f", causal=True
+    ),
+    "falcon": ToastArchitecture(
+        blocks="h", value="self_attention.query_key_value", fused_qkv="auto", final_norm="ln_f", causal=True
+    ),
+    "gpt_bigcode": ToastArchitecture(
+        blocks="h", value="attn.c_attn", fused_qkv="auto", final_norm="ln_f", causal=True
+    ),
+    "phi3": ToastArchitecture(
+        blocks="layers", value="self_attn.qkv_proj", fused_qkv="contiguous", final_norm="norm", causal=True
+    ),
+    "modernbert": ToastArchitecture(
+        blocks="layers", value="attn.Wqkv", fused_qkv="contiguous", final_norm="final_norm"
+    ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -73,7 +113,56 @@ ARCHITECTURES: dict[str, ToastArchitecture] = {
 }
 
 # Model types whose registry entry is exercised by the test suite (the rest are declared from their module layout).
-TESTED_MODEL_TYPES = ("vit", "dinov2", "bert", "gpt2", "llama", "mistral")
+TESTED_MODEL_TYPES = (
+    "vit", "dinov2", "bert", "gpt2", "llama", "mistral", "gpt_neox", "bloom", "falcon", "gpt_bigcode", "phi3",
+    "modernbert",
+)  # fmt: skip
+
+
+def fused_value_index(config, layout: Union[bool, str], out_features: int) -> torch.Tensor:
+    """The positions of the values in the output of a fused query/key/value projection (`ToastArchitecture.fused_qkv`),
+    `(kv_heads * head_dim,)`, from the model config's head counts; raises if the layout's sizes do not add up."""
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads and hidden else None)
+    if not (isinstance(heads, int) and isinstance(head_dim, int) and heads > 0 and head_dim > 0):
+        raise ValueError(
+            f"A fused query/key/value projection needs `num_attention_heads` and `head_dim` (or `hidden_size`) in the "
+            f"model config to find its values; this config has num_attention_heads={heads!r}, head_dim={head_dim!r}. "
+            f"Name a separate value projection in `target_modules`, or declare the architecture without `fused_qkv`."
+        )
+    if getattr(config, "new_decoder_architecture", False):
+        kv_heads = getattr(config, "num_kv_heads", None) or heads
+    elif getattr(config, "multi_query", False):
+        kv_heads = 1
+    else:
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if layout == "auto":
+        layout = "grouped" if getattr(config, "new_decoder_architecture", False) else (
+            "contiguous" if getattr(config, "multi_query", False) else "per_head"
+        )  # fmt: skip
+    layout = "contiguous" if layout is True else layout
+    slots = torch.arange(head_dim)
+    if layout == "contiguous":  # [q (heads) | k (kv) | v (kv)]
+        expected = (heads + 2 * kv_heads) * head_dim
+        index = torch.arange(expected - kv_heads * head_dim, expected)
+    elif layout == "per_head":  # heads x [q_i | k_i | v_i]
+        expected = 3 * heads * head_dim
+        index = (torch.arange(heads)[:, None] * 3 * head_dim + 2 * head_dim + slots).flatten()
+    elif layout == "grouped":  # kv x [q ... q | k_j | v_j], heads / kv queries per group
+        group = heads // kv_heads + 2
+        expected = kv_heads * group * head_dim
+        index = (torch.arange(kv_heads)[:, None] * group * head_dim + (group - 1) * head_dim + slots).flatten()
+    else:
+        raise ValueError(f"Unknown fused layout {layout!r}; use one of {FUSED_LAYOUTS}.")
+    if expected != out_features or (layout == "grouped" and heads % kv_heads):
+        raise ValueError(
+            f"The fused query/key/value projection has {out_features} outputs, but the {layout!r} layout with "
+            f"{heads} query heads, {kv_heads} key/value heads and head_dim {head_dim} needs {expected}: the signal "
+            f"would land on queries or keys. Declare the layout this model uses (`ToastArchitecture(fused_qkv=...)`: "
+            f"{', '.join(map(repr, FUSED_LAYOUTS))})."
+        )
+    return index
 
 
 def register_architecture(model_type: str, architecture: ToastArchitecture) -> None:

@@ -22,11 +22,13 @@ from .topdown import FeedbackMap
 class ToastLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("toast_down", "toast_readout")
 
-    def __init__(self, base_layer: nn.Module, block_index: int, fused_qkv: bool = False) -> None:
+    def __init__(self, base_layer: nn.Module, block_index: int, value_index: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.block_index = block_index
-        self.fused_qkv = fused_qkv
+        # A fused query/key/value projection: the positions of the values in its output (`fused_value_index`); not
+        # saved with the adapter (it follows from the model config).
+        self.register_buffer("value_index", value_index, persistent=False)
         self.toast_down = nn.ModuleDict()
         self.toast_readout = nn.ModuleDict()
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
@@ -53,17 +55,16 @@ class ToastLayer(nn.Module, BaseTunerLayer):
             self.frozen_peft_weight_names[adapter_name] = frozen
         self.set_adapter(self.active_adapters)
 
+    @property
+    def fused_qkv(self) -> bool:
+        return self.value_index is not None
+
     def _value_weight(self) -> torch.Tensor:
-        """The `(out, d)` weight `W_v` that maps a hidden state to values (the value third of a fused projection)."""
+        """The `(out, d)` weight `W_v` that maps a hidden state to values (the value rows of a fused projection)."""
         base = self.get_base_layer()
-        weight = base.weight
-        if isinstance(base, nn.Linear):
-            if self.fused_qkv:
-                return weight.chunk(3, dim=0)[2]
-            return weight
         # transformers' Conv1D (GPT-2) stores its weight transposed, (d, out).
-        weight = weight.T
-        return weight.chunk(3, dim=0)[2] if self.fused_qkv else weight
+        weight = base.weight if isinstance(base, nn.Linear) else base.weight.T
+        return weight if self.value_index is None else weight[self.value_index.to(weight.device)]
 
     def value_delta(self, signal: torch.Tensor) -> torch.Tensor:
         """`W_v t` for a top-down signal `t` of shape `(..., d)`; no bias."""
@@ -78,11 +79,10 @@ class ToastLayer(nn.Module, BaseTunerLayer):
             # V = W_v (u + t) + b_v in one product: the projection only carries values, so the signal can enter its
             # input (one matmul instead of two, and the bias is added once).
             return self.base_layer(x + signal.to(device=x.device, dtype=x.dtype), *args, **kwargs)
-        # [q | k | v] = one fused projection: only the value third may change.
-        result = self.base_layer(x, *args, **kwargs)  # (B, N, 3 * out_v)
+        # One fused query/key/value projection: only its values may change.
+        result = self.base_layer(x, *args, **kwargs)  # (B, N, out)
         delta = self.value_delta(signal).to(result.dtype)  # (B, N, out_v)
-        query_key, value = result[..., : -delta.shape[-1]], result[..., -delta.shape[-1] :]
-        return torch.cat([query_key, value + delta], dim=-1)
+        return result.index_add(-1, self.value_index.to(result.device), delta)
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise NotImplementedError(_NO_MERGE)

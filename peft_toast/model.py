@@ -12,7 +12,13 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from . import passes
-from .architectures import ResolvedArchitecture, dims_mismatch, model_dims, resolve_architecture
+from .architectures import (
+    ResolvedArchitecture,
+    dims_mismatch,
+    fused_value_index,
+    model_dims,
+    resolve_architecture,
+)
 from .config import ToastConfig
 from .layer import ToastLayer, value_input_features
 from .passes import FEATURES_ARGUMENT, steered_call
@@ -118,7 +124,13 @@ class ToastModel(BaseTuner):
         if isinstance(target, ToastLayer):
             target.update_layer(adapter_name, peft_config, with_readout)
         else:
-            new_module = ToastLayer(target, block_index, fused_qkv=self._toast_architecture.architecture.fused_qkv)
+            layout = self._toast_architecture.architecture.fused_qkv
+            value_index = None
+            if layout:
+                base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+                out_features = base.weight.shape[0 if isinstance(base, nn.Linear) else 1]
+                value_index = fused_value_index(self.model.config, layout, out_features)
+            new_module = ToastLayer(target, block_index, value_index=value_index)
             new_module.update_layer(adapter_name, peft_config, with_readout)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)

@@ -150,7 +150,7 @@ def architectures_md() -> str:
         status = "tested" if model_type in TESTED_MODEL_TYPES else "untested"
         lines.append(
             f"| `{model_type}` | `{entry.blocks}` | `{entry.value}` | {final_norm} | {'yes' if entry.causal else 'no'} "
-            f"| {'yes' if entry.fused_qkv else 'no'} | {status} |"
+            f"| {_fused(entry.fused_qkv)} | {status} |"
         )
     lines += [
         "",
@@ -180,12 +180,26 @@ def architectures_md() -> str:
         "tokens = model.generate(input_ids=torch.tensor([[2, 5, 7]]), max_new_tokens=3, do_sample=False)",
         "```",
         "",
-        "A model whose query, key and value come from one fused projection `[q | k | v]` with equal thirds (GPT-2's "
-        "`c_attn`) is declared with `fused_qkv=True`; the signal then enters the value third only. Passing "
-        "`target_modules` to `ToastConfig` instead names the value projections directly (one per block).",
+        "A model whose query, key and value come from one fused projection declares the projection's layout with "
+        "`fused_qkv`, and the signal enters its values only, at positions computed from the model config's head "
+        "counts: `'contiguous'` (or `True`) for `[q | k | v]` with `h`, `k`, `k` heads (GPT-2, Phi-3 with grouped "
+        "queries, ModernBERT, multi-query GPT-BigCode), `'per_head'` for `h` groups `[q_i | k_i | v_i]` (GPT-NeoX, "
+        "Bloom), `'grouped'` for `k` groups `[q ... q | k_j | v_j]` (Falcon's new decoder architecture) and `'auto'` "
+        "to pick from the config's `new_decoder_architecture` / `multi_query` (Falcon, GPT-BigCode). A layout whose "
+        "sizes do not add up to the projection's outputs is refused at creation (it would steer queries or keys). "
+        "`tests/test_fused.py` checks every layout against the model's own attention code: the positions TOAST "
+        "writes to never change an attention probability, and all other positions do. Passing `target_modules` to "
+        "`ToastConfig` instead names separate value projections directly (one per block); a name that is a query, "
+        "key, output or MLP layer, or a module that does not read the hidden size, is refused.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _fused(layout) -> str:
+    if not layout:
+        return "no"
+    return "contiguous" if layout is True else str(layout).replace("_", "-")
 
 
 GENERATED = {

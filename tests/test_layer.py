@@ -11,7 +11,8 @@ from peft_toast.state import CallState, use_state
 
 
 def _wrap(base: nn.Module, fused_qkv: bool = False) -> ToastLayer:
-    layer = ToastLayer(base, block_index=0, fused_qkv=fused_qkv)
+    value_index = torch.arange(2 * HIDDEN, 3 * HIDDEN) if fused_qkv else None  # [q | k | v], equal thirds
+    layer = ToastLayer(base, block_index=0, value_index=value_index)
     layer.update_layer("default", ToastConfig(), with_readout=True)
     return layer
 
