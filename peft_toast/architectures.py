@@ -80,6 +80,9 @@ ARCHITECTURES: dict[str, ToastArchitecture] = {
     "dinov2": ToastArchitecture(blocks="encoder.layer", value="attention.v_proj", final_norm="layernorm"),
     "bert": ToastArchitecture(blocks="encoder.layer", value="attention.self.value"),
     "roberta": ToastArchitecture(blocks="encoder.layer", value="attention.self.value"),
+    # CLIP's vision tower: `post_layernorm` normalises the pooled token only, so every token's feature is the last
+    # block's output (what `last_hidden_state` returns).
+    "clip_vision_model": ToastArchitecture(blocks="encoder.layers", value="self_attn.v_proj"),
     # decoders
     "gpt2": ToastArchitecture(blocks="h", value="attn.c_attn", fused_qkv=True, final_norm="ln_f", causal=True),
     "gpt_neox": ToastArchitecture(
@@ -115,7 +118,7 @@ ARCHITECTURES: dict[str, ToastArchitecture] = {
 # Model types whose registry entry is exercised by the test suite (the rest are declared from their module layout).
 TESTED_MODEL_TYPES = (
     "vit", "dinov2", "bert", "gpt2", "llama", "mistral", "gpt_neox", "bloom", "falcon", "gpt_bigcode", "phi3",
-    "modernbert",
+    "modernbert", "clip_vision_model",
 )  # fmt: skip
 
 

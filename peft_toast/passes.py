@@ -307,7 +307,16 @@ def capture_feature(module: nn.Module, args: tuple, output: Any) -> None:
     """Forward hook on the feature module: in pass 1, hand the feature over and stop the pass."""
     state = current_state()
     if state is not None and state.pass1:
-        state.feature = output[0] if isinstance(output, tuple) else output
+        feature = output[0] if isinstance(output, tuple) else output
+        if not isinstance(feature, torch.Tensor) or feature.dim() != 3:
+            shape = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
+            raise ValueError(
+                f"TOAST's pass-1 feature module ({type(module).__name__}) returned {shape}, not one vector per token "
+                f"(batch, tokens, hidden): it acts on a pooled token only (as CLIP's vision `post_layernorm` does). "
+                f"Declare the architecture with `final_norm=None` (the last block's output is then the feature): "
+                f"`register_architecture(model_type, ToastArchitecture(blocks=..., value=..., final_norm=None))`."
+            )
+        state.feature = feature
         raise Pass1Done
 
 

@@ -364,3 +364,41 @@ def test_a_target_that_does_not_read_the_hidden_size_is_refused_before_any_forwa
         ValueError, match=r"`model.layers.0.self_attn.wv`, which reads 37 features, but the blocks' hidden size is 32"
     ):
         get_peft_model(model, ToastConfig(target_modules=["wv"]))
+
+
+@pytest.mark.parametrize("with_projection", [False, True])
+def test_clip_vision_tower_steers_every_token_after_training(with_projection):
+    """CLIP's `post_layernorm` normalises the pooled token only: the pass-1 feature is the last block's output, one
+    vector per patch; a zero-readout test cannot see the difference, so the adapter is made nonzero."""
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=16, patch_size=4, projection_dim=8)  # fmt: skip
+    cls = transformers.CLIPVisionModelWithProjection if with_projection else transformers.CLIPVisionModel
+    base = cls(config).eval()
+    pixel_values = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        last_hidden = base(pixel_values=pixel_values).last_hidden_state  # (2, 17, 32)
+    model = get_peft_model(base, ToastConfig())
+    key = "image_embeds" if with_projection else "pooler_output"
+    start = model(pixel_values=pixel_values)[key]  # a fresh adapter is exactly the frozen model ...
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(start, model(pixel_values=pixel_values)[key], rtol=0, atol=1e-6)
+    start.square().sum().backward()  # ... and its readouts get a gradient
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "readout" in n)
+    randomize_adapter(model)
+    features = model.base_model.run_pass1(model.base_model.model, (), {"pixel_values": pixel_values})
+    torch.testing.assert_close(features, last_hidden)
+    with torch.no_grad():
+        steered = model(pixel_values=pixel_values)
+        with model.disable_adapter():
+            plain = model(pixel_values=pixel_values)
+    assert steered[key].shape == plain[key].shape and not torch.allclose(steered[key], plain[key])
+
+
+def test_a_final_norm_on_the_pooled_token_only_is_refused_with_the_fix(monkeypatch):
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=16, patch_size=4)  # fmt: skip
+    wrong = ToastArchitecture(blocks="encoder.layers", value="self_attn.v_proj", final_norm="post_layernorm")
+    monkeypatch.setitem(ARCHITECTURES, "clip_vision_model", wrong)
+    model = get_peft_model(transformers.CLIPVisionModel(config), ToastConfig())
+    with pytest.raises(ValueError, match=r"returned \(2, 32\), not one vector per token.*final_norm=None"):
+        model(pixel_values=torch.randn(2, 3, 16, 16))
