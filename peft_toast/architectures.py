@@ -83,6 +83,10 @@ ARCHITECTURES: dict[str, ToastArchitecture] = {
     # CLIP's vision tower: `post_layernorm` normalises the pooled token only, so every token's feature is the last
     # block's output (what `last_hidden_state` returns).
     "clip_vision_model": ToastArchitecture(blocks="encoder.layers", value="self_attn.v_proj"),
+    # T5's encoder on its own (`T5EncoderModel`; encoder-decoder models are refused): its final norm is the stack's.
+    "t5": ToastArchitecture(
+        blocks="encoder.block", value="layer.0.SelfAttention.v", final_norm="encoder.final_layer_norm"
+    ),
     # decoders
     "gpt2": ToastArchitecture(blocks="h", value="attn.c_attn", fused_qkv=True, final_norm="ln_f", causal=True),
     "gpt_neox": ToastArchitecture(
@@ -118,7 +122,7 @@ ARCHITECTURES: dict[str, ToastArchitecture] = {
 # Model types whose registry entry is exercised by the test suite (the rest are declared from their module layout).
 TESTED_MODEL_TYPES = (
     "vit", "dinov2", "bert", "gpt2", "llama", "mistral", "gpt_neox", "bloom", "falcon", "gpt_bigcode", "phi3",
-    "modernbert", "clip_vision_model",
+    "modernbert", "clip_vision_model", "t5",
 )  # fmt: skip
 
 
@@ -237,6 +241,7 @@ def resolve_architecture(model: nn.Module, target_modules=None) -> ResolvedArchi
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) or type(model).__name__
+    _refuse_encoder_decoder(model, model_type)
     backbone = getattr(model, "base_model", model)
     if not isinstance(backbone, nn.Module):
         backbone = model
@@ -258,6 +263,24 @@ def resolve_architecture(model: nn.Module, target_modules=None) -> ResolvedArchi
         _check_targets_are_value_projections(model, value_names, target_modules)
     final_norm = _get(backbone, architecture.final_norm, model_type, "final_norm") if architecture.final_norm else None
     return ResolvedArchitecture(architecture, backbone, blocks, block_names, value_names, final_norm)
+
+
+def _refuse_encoder_decoder(model: nn.Module, model_type: str) -> None:
+    """An encoder-decoder model (T5, BART, Whisper, ...) is refused: TOAST would steer its encoder only, and `generate`
+    runs the encoder outside the model's forward call, where no pass 1 happens. Its encoder alone is supported."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if not isinstance(decoder, nn.Module) or decoder is model:  # transformers returns the model itself when it has none
+        return  # an encoder on its own (T5EncoderModel, `model.get_encoder()`)
+    raise ValueError(
+        f"TOAST does not steer encoder-decoder models ({type(model).__name__}, model type {model_type!r}) yet: it "
+        f"would steer the encoder only, while `generate` runs the encoder outside the model's forward call, where TOAST "
+        f"has no first pass. Steer the encoder on its own instead, e.g. `T5EncoderModel.from_pretrained(...)` or "
+        f"`get_peft_model(model.get_encoder(), ToastConfig())` (classification, retrieval, embeddings)."
+    )
 
 
 def _get(root: nn.Module, path: str, model_type: str, what: str) -> nn.Module:

@@ -402,3 +402,43 @@ def test_a_final_norm_on_the_pooled_token_only_is_refused_with_the_fix(monkeypat
     model = get_peft_model(transformers.CLIPVisionModel(config), ToastConfig())
     with pytest.raises(ValueError, match=r"returned \(2, 32\), not one vector per token.*final_norm=None"):
         model(pixel_values=torch.randn(2, 3, 16, 16))
+
+
+T5 = dict(d_model=32, d_ff=37, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB, decoder_start_token_id=0)
+BART = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=37, decoder_ffn_dim=37, vocab_size=VOCAB)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(**T5)),
+        lambda: transformers.BartForConditionalGeneration(transformers.BartConfig(**BART)),
+    ],
+    ids=["t5", "bart"],
+)
+def test_encoder_decoder_models_are_refused_with_the_encoder_as_the_fix(make):
+    with pytest.raises(ValueError, match=r"does not steer encoder-decoder models.*encoder only.*get_encoder\(\)"):
+        get_peft_model(make(), ToastConfig())
+
+
+@pytest.mark.parametrize("kind", ["t5-encoder", "bart-encoder"])
+def test_an_encoder_of_an_encoder_decoder_model_is_steered(kind):
+    if kind == "t5-encoder":
+        base = transformers.T5EncoderModel(transformers.T5Config(**T5)).eval()
+        feature_module = base.encoder.final_layer_norm  # the encoder's last_hidden_state is after it
+    else:
+        base = transformers.BartForConditionalGeneration(transformers.BartConfig(**BART)).get_encoder().eval()
+        feature_module = base.layers[-1]
+    ids = torch.randint(2, VOCAB, (2, 6))
+    with torch.no_grad():
+        plain = base(input_ids=ids).last_hidden_state
+    model = get_peft_model(base, ToastConfig())
+    assert model.base_model.architecture.feature_module is feature_module
+    start = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(start, plain, rtol=0, atol=1e-6)  # a fresh adapter is the frozen encoder
+    start.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "readout" in n)
+    randomize_adapter(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).last_hidden_state, plain, atol=1e-4)
