@@ -19,7 +19,6 @@ and the held-out variational loss `L_var` of the calibrated full-rank maps, meas
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -32,6 +31,7 @@ from peft import get_peft_model
 
 from peft_toast import ToastConfig
 from peft_toast.calibration import calibrate_feedback, collect_block_statistics, reconstruction_error
+from peft_toast.cli import script_parser
 
 SETTINGS = {
     "float64 products": {"product_dtype": torch.float64},
@@ -110,7 +110,7 @@ def report_markdown(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     common.add_common_arguments(parser)
     parser.add_argument("--tasks", nargs="+", default=["vision", "text"], choices=["vision", "text"])
     parser.add_argument("--image-size", type=int, default=112, help="Image side in px (default 112).")

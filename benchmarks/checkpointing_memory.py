@@ -17,7 +17,7 @@ Default model: SmolLM2-135M-Instruct (offline, `peft_toast.assets`; 30 blocks), 
 
     python benchmarks/checkpointing_memory.py --quick
     python benchmarks/checkpointing_memory.py                            # batch 4 x 256, 5 measured steps
-    python benchmarks/checkpointing_memory.py --device cuda --batch_size 16 --seq_len 1024
+    python benchmarks/checkpointing_memory.py --device cuda --batch-size 16 --seq-len 1024
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ from peft import get_peft_model
 from tqdm.auto import tqdm
 
 from peft_toast import ToastConfig
+from peft_toast.cli import script_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_arguments(parser)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=256, help="Tokens per sequence (default 256).")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256, help="Tokens per sequence (default 256).")
     parser.add_argument("--steps", type=int, default=5, help="Measured training steps (default 5).")
     parser.add_argument("--warmup", type=int, default=1, help="Unmeasured steps first (default 1).")
     parser.add_argument("--quick", action="store_true", help="Batch 2 x 128, 2 measured steps (a few minutes on CPU).")

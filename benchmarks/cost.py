@@ -31,6 +31,8 @@ import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch
 import torch
 from tqdm.auto import tqdm
 
+from peft_toast.cli import script_parser
+
 TARGETS = {  # TOAST / reference, at most
     "train_time_vs_lora": 1.5,
     "train_memory_vs_lora": 1.25,
@@ -50,7 +52,7 @@ GENERATION = {"full": (16, 32), "quick": (8, 8), "tiny": (4, 4)}  # (prompt toke
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     common.add_common_arguments(parser)
     parser.add_argument("--families", nargs="+", default=["vision", "text"], choices=["vision", "text"])
     parser.add_argument("--device", default="cpu", help="'cpu' (default) or a CUDA device such as 'cuda'.")

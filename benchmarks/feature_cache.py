@@ -61,6 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import default_data_collator  # noqa: E402
 
+from peft_toast.cli import script_parser  # noqa: E402
 from peft_toast.feature_cache import ToastFeatureCollator, feature_cache_key, precompute_features  # noqa: E402
 
 DOC = REPO / "docs" / "feature_cache.md"
@@ -77,7 +78,7 @@ CONFIGS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     add_common_arguments(parser)
     parser.add_argument(
         "--train-size", type=int, default=None, help="Examples to cache and train on (512; quick 128)."

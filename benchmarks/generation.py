@@ -4,7 +4,7 @@ TOAST runs the model twice per step (pass 1 for the top-down signal, pass 2 for 
 about two base steps per token; without a cache every step recomputes the whole sequence, twice. The three
 configurations live in one process and run in interleaved rounds (every round runs each once), so a busy phase of a
 shared machine slows all of them alike; the first rounds are warm-up and the report gives the median of the rest.
-Every run decodes exactly `--new_tokens` tokens (`min_new_tokens`) from the same random `--prompt_tokens`-token prompt;
+Every run decodes exactly `--new-tokens` tokens (`min_new_tokens`) from the same random `--prompt-tokens`-token prompt;
 the time per token is the whole `generate` call divided by the new tokens (the prompt's prefill included). The program
 also checks that cached and uncached TOAST decoding give the same tokens.
 
@@ -29,6 +29,7 @@ import transformers
 from peft import get_peft_model
 
 from peft_toast import ToastConfig
+from peft_toast.cli import script_parser
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,7 +42,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default=None, help="Hub id or folder of a causal LM (default: offline SmolLM2-135M-Instruct)."
     )
     parser.add_argument(
-        "--random_weights",
+        "--random-weights",
         action="store_true",
         help="Build --model from its config with random weights (time and memory do not depend on the weight values; "
         "for a machine that has the config but not the checkpoint).",
@@ -60,10 +61,10 @@ def load_causal_lm(model: str | None, *, tiny: bool, random_weights: bool, dtype
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_arguments(parser)
-    parser.add_argument("--prompt_tokens", type=int, default=20, help="Prompt length (default 20).")
-    parser.add_argument("--new_tokens", type=int, default=32, help="Tokens to generate (default 32).")
+    parser.add_argument("--prompt-tokens", type=int, default=20, help="Prompt length (default 20).")
+    parser.add_argument("--new-tokens", type=int, default=32, help="Tokens to generate (default 32).")
     parser.add_argument("--repeats", type=int, default=7, help="Timed rounds (default 7).")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed rounds first (default 2).")
     parser.add_argument(

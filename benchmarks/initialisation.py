@@ -26,7 +26,6 @@ backward pass.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -44,6 +43,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTModel
 
 from peft_toast import ToastConfig, atomic_save_pretrained
 from peft_toast.calibration import calibrate_feedback, collect_block_statistics, reconstruction_error
+from peft_toast.cli import script_parser
 from peft_toast.loading import load_initialisation
 from peft_toast.pretuning import pretune_top_down
 
@@ -416,7 +416,7 @@ def report_markdown(results: dict) -> dict[str, str]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     common.add_common_arguments(parser)
     parser.add_argument("--tasks", nargs="+", default=["vision", "text"], choices=["vision", "text"])
     parser.add_argument(

@@ -16,7 +16,6 @@ accuracy, and the final training loss. Results append to a JSON list.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -28,6 +27,7 @@ import torch
 from peft import get_peft_model
 
 from peft_toast import ToastConfig
+from peft_toast.cli import script_parser
 from peft_toast.topdown import token_selection
 
 SETTINGS = {
@@ -38,7 +38,7 @@ GATE_TOKENS = 5000  # training tokens whose gates are summarised
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--task", choices=sorted(SETTINGS), default="vision")
     parser.add_argument("--variants", nargs="+", choices=["default", "mean"], default=["default", "mean"])
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3])

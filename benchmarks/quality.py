@@ -35,6 +35,8 @@ import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch
 import torch
 from tqdm.auto import tqdm
 
+from peft_toast.cli import script_parser
+
 # Learning-rate sweeps, one range per method, three values each (for the linear probe: of the head). Adapters of a
 # frozen model take larger steps than full fine-tuning; TOAST's full-rank d x d maps move every channel at once.
 LEARNING_RATES = {
@@ -67,7 +69,7 @@ TINY_SIZES = {"train": 64, "val": 32, "test": 32}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     common.add_common_arguments(parser)
     parser.add_argument("--tasks", nargs="+", default=["vision", "text"], choices=["vision", "text"])
     parser.add_argument("--methods", nargs="+", default=list(common.METHODS), choices=common.METHODS)

@@ -20,6 +20,8 @@ import _timing  # imports common first, which must come before torch (see below)
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 from tqdm.auto import tqdm
 
+from peft_toast.cli import script_parser
+
 METHODS = ("toast", "lora")
 
 # name -> (family, the value that changes, fixed batch size or None if the batch size is what changes, fixed size)
@@ -43,7 +45,7 @@ SWEEPS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     common.add_common_arguments(parser)
     _timing.add_rounds_arguments(parser, repeats_help="Timed rounds per point (default 5; 3 with --quick).", warmup=1)
     parser.add_argument(

@@ -31,11 +31,12 @@ from transformers import logging as transformers_logging  # noqa: E402
 
 from peft_toast import ToastConfig  # noqa: E402
 from peft_toast.assets import resolve_model  # noqa: E402
+from peft_toast.cli import script_parser  # noqa: E402
 from peft_toast.io import atomic_save_pretrained  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--model", default=None, help="Image model folder or Hub id (default: the offline DINOv2-S ViT at 112 px)."
     )
@@ -54,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-dir", default="toast-fashion-mnist", help="Where the TOAST adapter is saved.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def load_data(args: argparse.Namespace):

@@ -26,11 +26,6 @@ TRAINER_CHECKPOINT_MARKER = "trainer_state.json"
 # -------------------------------------------------------------------------------------- command line and models
 
 
-def example_parser(description: str) -> argparse.ArgumentParser:
-    """A parser whose `--help` starts with `description` (the example's docstring) with its line breaks kept."""
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
 def add_causal_lm_argument(parser: argparse.ArgumentParser) -> None:
     """`--model`: a causal LM, by default the offline SmolLM2-135M-Instruct (see `causal_lm_path`)."""
     parser.add_argument(
@@ -52,19 +47,19 @@ def add_image_classification_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Hub dataset name or a save_to_disk folder with train and test/validation splits (default: offline Fashion-MNIST).",
     )
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--label_column", default="label", help="A datasets.ClassLabel column.")
-    parser.add_argument("--train_size", type=int, default=960, help="Training examples (a random subset).")
-    parser.add_argument("--eval_size", type=int, default=500, help="Evaluation examples (a random subset).")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--label-column", default="label", help="A datasets.ClassLabel column.")
+    parser.add_argument("--train-size", type=int, default=960, help="Training examples (a random subset).")
+    parser.add_argument("--eval-size", type=int, default=500, help="Evaluation examples (a random subset).")
 
 
 def add_seed_and_resume_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--seed` and `--resume_from_checkpoint` (a folder or `latest`, see `resolve_resume`)."""
+    """`--seed` and `--resume-from-checkpoint` (a folder or `latest`, see `resolve_resume`)."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--resume_from_checkpoint",
+        "--resume-from-checkpoint",
         default=None,
-        help="A checkpoint folder, or 'latest' for the last complete one in --output_dir (a fresh start if there is none).",
+        help="A checkpoint folder, or 'latest' for the last complete one in --output-dir (a fresh start if there is none).",
     )
 
 
@@ -142,7 +137,7 @@ def image_classification_splits(
         if column not in train.column_names:
             raise ValueError(
                 f"The dataset has columns {train.column_names} but no {column!r}; name its image and label columns "
-                "with --image_column and --label_column."
+                "with --image-column and --label-column."
             )
     label_names = train.features[label_column].names
 
@@ -189,7 +184,7 @@ def encode_instruction(tokenizer, prompt: str, response: str, max_length: int) -
     if room < 1:
         raise ValueError(
             f"max_length={max_length} leaves no room for the prompt; the response alone has "
-            f"{len(response_ids)} tokens. Raise --max_length."
+            f"{len(response_ids)} tokens. Raise --max-length."
         )
     prompt_ids = prompt_ids[-room:]
     return {
@@ -203,8 +198,8 @@ def encode_instruction(tokenizer, prompt: str, response: str, max_length: int) -
 
 
 def training_arguments(args: argparse.Namespace, **fields) -> TrainingArguments:
-    """The `TrainingArguments` of a `Trainer` example: its --output_dir, --max_steps, --batch_size, --learning_rate,
-    --save_steps, --logging_steps and --seed, plus `fields`."""
+    """The `TrainingArguments` of a `Trainer` example: its --output-dir, --max-steps, --batch-size, --learning-rate,
+    --save-steps, --logging-steps and --seed, plus `fields`."""
     return TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -250,7 +245,7 @@ def _nonempty_file(path: str) -> bool:
 
 
 def resolve_resume(resume_from_checkpoint: Optional[str], output_dir: str, marker: str) -> Optional[str]:
-    """`--resume_from_checkpoint`: a checkpoint folder, or `latest` (the last complete one in `output_dir`; none there
+    """`--resume-from-checkpoint`: a checkpoint folder, or `latest` (the last complete one in `output_dir`; none there
     means a fresh start, so the same command both starts a run and restarts it after a crash)."""
     if resume_from_checkpoint != "latest":
         return resume_from_checkpoint

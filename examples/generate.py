@@ -3,13 +3,13 @@
 The prompt goes through the tokenizer's chat template (or the plain instruction format of `train_causal_lm.py` when the
 tokenizer has none), exactly as `train_causal_lm.py` formats its training prompts, so an adapter trained there is
 prompted the way it learned. Decoding with a TOAST adapter keeps two KV caches (pass 1 and pass 2) and is exact: the
-tokens equal those of decoding without a cache (`--no_cache`, much slower), see docs/generation.md.
+tokens equal those of decoding without a cache (`--no-cache`, much slower), see docs/generation.md.
 
 Offline default: SmolLM2-135M-Instruct (from `peft_toast.assets`).
 
     python examples/generate.py --prompt "What is the capital of France?"
     python examples/generate.py --adapter outputs/causal-lm-toast --prompt "Tweet: what a lovely day ..."
-    python examples/generate.py --model meta-llama/Llama-3.2-1B-Instruct --adapter my-toast-adapter --do_sample
+    python examples/generate.py --model meta-llama/Llama-3.2-1B-Instruct --adapter my-toast-adapter --do-sample
 """
 
 from __future__ import annotations
@@ -18,30 +18,31 @@ import argparse
 import time
 
 import torch
-from example_utils import add_causal_lm_argument, causal_lm_path, example_parser, instruction_prompt
+from example_utils import add_causal_lm_argument, causal_lm_path, instruction_prompt
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed
 
 import peft_toast  # noqa: F401  (registers TOAST with PEFT, so that PeftModel.from_pretrained loads TOAST adapters)
+from peft_toast.cli import script_parser
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = example_parser(__doc__)
+    parser = script_parser(__doc__)
     add_causal_lm_argument(parser)
     parser.add_argument(
         "--adapter", default=None, help="Folder (or Hub id) of a TOAST adapter saved with save_pretrained (optional)."
     )
     parser.add_argument("--prompt", default="What is the capital of France?", help="The user's message.")
     parser.add_argument(
-        "--no_chat_template", action="store_true", help="Use the prompt as raw text, without any template."
+        "--no-chat-template", action="store_true", help="Use the prompt as raw text, without any template."
     )
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
-    parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (with --do_sample).")
-    parser.add_argument("--top_p", type=float, default=0.9, help="Nucleus sampling mass (with --do_sample).")
-    parser.add_argument("--no_cache", action="store_true", help="Recompute the whole sequence at every step.")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
+    parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (with --do-sample).")
+    parser.add_argument("--top-p", type=float, default=0.9, help="Nucleus sampling mass (with --do-sample).")
+    parser.add_argument("--no-cache", action="store_true", help="Recompute the whole sequence at every step.")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="Weights' dtype (default fp32).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")

@@ -3,13 +3,13 @@
 The same script runs on one CPU, one GPU, or many processes: distribution, mixed precision and gradient accumulation
 come from Accelerate, not from this project.
 
-    python examples/train_accelerate.py --max_steps 60
-    accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py --cpu --per_device_batch_size 16
+    python examples/train_accelerate.py --max-steps 60
+    accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py --cpu --per-device-batch-size 16
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 examples/train_accelerate.py \
-        --model google/vit-base-patch16-224-in21k --dataset cifar10 --image_column img
+        --model google/vit-base-patch16-224-in21k --dataset cifar10 --image-column img
 
-Checkpoints (`--save_steps`) hold the adapter files, the optimizer, the scheduler and every process's random state,
-never the frozen base weights; each appears under its final name only once complete, so `--resume_from_checkpoint
+Checkpoints (`--save-steps`) hold the adapter files, the optimizer, the scheduler and every process's random state,
+never the frozen base weights; each appears under its final name only once complete, so `--resume-from-checkpoint
 latest` after a crash always finds a usable one. At the end the adapter is saved in the same format as
 `Trainer`'s (see `train_image_classifier.py`). Offline defaults: DINOv2-small (ViT-S/14 at 112 px) on Fashion-MNIST.
 """
@@ -27,7 +27,6 @@ from example_utils import (
     add_image_classification_arguments,
     add_seed_and_resume_arguments,
     checkpoint_step,
-    example_parser,
     image_classification_splits,
     image_model_path,
     initialise_prompt,
@@ -41,28 +40,29 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, default_data_collator, get_scheduler
 
 from peft_toast import ToastConfig
+from peft_toast.cli import script_parser
 from peft_toast.io import atomic_save_pretrained
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # A file every checkpoint of this loop has. (Checkpoints appear under their name only once complete, see
-# `save_checkpoint`; the marker keeps `--resume_from_checkpoint latest` off folders that some other writer left.)
+# `save_checkpoint`; the marker keeps `--resume-from-checkpoint latest` off folders that some other writer left.)
 ACCELERATE_CHECKPOINT_MARKER = "optimizer.bin"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = example_parser(__doc__)
+    parser = script_parser(__doc__)
     add_image_classification_arguments(parser)
-    parser.add_argument("--output_dir", default="outputs/accelerate-toast")
-    parser.add_argument("--max_steps", type=int, default=60, help="Optimizer steps.")
+    parser.add_argument("--output-dir", default="outputs/accelerate-toast")
+    parser.add_argument("--max-steps", type=int, default=60, help="Optimizer steps.")
     parser.add_argument(
-        "--per_device_batch_size",
+        "--per-device-batch-size",
         type=int,
         default=32,
-        help="Batch per process and micro-step; the global batch is this x processes x --gradient_accumulation_steps.",
+        help="Batch per process and micro-step; the global batch is this x processes x --gradient-accumulation-steps.",
     )
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument(
-        "--mixed_precision",
+        "--mixed-precision",
         choices=["no", "fp16", "bf16"],
         default="no",
         help="Autocast precision (bf16 also works on CPU); the adapter weights stay fp32.",
@@ -72,9 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="Train on CPU even if a GPU is present; with several processes (from `accelerate launch --multi_gpu` or `torchrun`) this is DDP over gloo.",
     )
-    parser.add_argument("--no_shuffle", action="store_true", help="Visit the training data in order.")
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--save_steps", type=int, default=20, help="Write a checkpoint every this many steps.")
+    parser.add_argument("--no-shuffle", action="store_true", help="Visit the training data in order.")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--save-steps", type=int, default=20, help="Write a checkpoint every this many steps.")
     add_seed_and_resume_arguments(parser)
     return parser.parse_args(argv)
 

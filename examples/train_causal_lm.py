@@ -6,9 +6,9 @@ accuracy of the first response token (the logits of the label words after the pr
 
 Offline defaults: SmolLM2-135M-Instruct (a LlamaForCausalLM, from `peft_toast.assets`) on labelled tweet sentiment.
 
-    python examples/train_causal_lm.py --max_steps 20 --train_size 160
+    python examples/train_causal_lm.py --max-steps 20 --train-size 160
     python examples/train_causal_lm.py --model meta-llama/Llama-3.2-1B-Instruct --dataset imdb \
-        --gradient_checkpointing --max_steps 500
+        --gradient-checkpointing --max-steps 500
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from example_utils import (
     causal_lm_path,
     encode_instruction,
     evaluation_split,
-    example_parser,
     instruction_prompt,
     load_dataset_splits,
     resolve_resume,
@@ -42,37 +41,38 @@ from transformers import (
 )
 
 from peft_toast import ToastConfig
+from peft_toast.cli import script_parser
 
 INSTRUCTION = "Tweet: {text}\n\nIs the sentiment of this tweet {choices}? Answer with one word."
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = example_parser(__doc__)
+    parser = script_parser(__doc__)
     add_causal_lm_argument(parser)
     parser.add_argument(
         "--dataset",
         default=None,
         help="Hub dataset name or a save_to_disk folder with train and test/validation splits, a text column and a ClassLabel column (default: offline tweets).",
     )
-    parser.add_argument("--text_column", default="text")
-    parser.add_argument("--label_column", default="label")
-    parser.add_argument("--train_size", type=int, default=160, help="Training examples (a random subset).")
-    parser.add_argument("--eval_size", type=int, default=100, help="Evaluation examples (a random subset).")
-    parser.add_argument("--max_length", type=int, default=128, help="Tokens per example, prompt and response.")
-    parser.add_argument("--output_dir", default="outputs/causal-lm-toast")
-    parser.add_argument("--max_steps", type=int, default=20, help="Optimizer steps.")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--train-size", type=int, default=160, help="Training examples (a random subset).")
+    parser.add_argument("--eval-size", type=int, default=100, help="Evaluation examples (a random subset).")
+    parser.add_argument("--max-length", type=int, default=128, help="Tokens per example, prompt and response.")
+    parser.add_argument("--output-dir", default="outputs/causal-lm-toast")
+    parser.add_argument("--max-steps", type=int, default=20, help="Optimizer steps.")
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
-        "--learning_rate",
+        "--learning-rate",
         type=float,
         default=1e-5,
         help="Much lower than for vision: a decoder's pass-1 feature (the last block's output, before the final norm) "
         "is large, and so is every readout update it is multiplied by. On SmolLM2, 1e-4 already made the loss spike.",
     )
-    parser.add_argument("--save_steps", type=int, default=10, help="Write a checkpoint every this many steps.")
-    parser.add_argument("--logging_steps", type=int, default=5)
+    parser.add_argument("--save-steps", type=int, default=10, help="Write a checkpoint every this many steps.")
+    parser.add_argument("--logging-steps", type=int, default=5)
     parser.add_argument(
-        "--gradient_checkpointing",
+        "--gradient-checkpointing",
         action="store_true",
         help="Recompute activations in the backward pass (non-reentrant) to save memory.",
     )
@@ -93,7 +93,7 @@ def load_text_splits(args: argparse.Namespace):
     for column in (args.text_column, args.label_column):
         if column not in train.column_names:
             raise ValueError(
-                f"The dataset has columns {train.column_names} but no {column!r}; name its text and label columns with --text_column and --label_column."
+                f"The dataset has columns {train.column_names} but no {column!r}; name its text and label columns with --text-column and --label-column."
             )
     return train, evaluation
 

@@ -1,13 +1,13 @@
 """Fine-tune an image classifier with TOAST and `transformers.Trainer`.
 
 The backbone stays frozen; TOAST's top-down path and the classification head train. Checkpoints hold only the adapter
-(and the head) plus the Trainer's state, and `--resume_from_checkpoint latest` continues a run that was killed.
+(and the head) plus the Trainer's state, and `--resume-from-checkpoint latest` continues a run that was killed.
 
 Offline defaults: the DINOv2-small backbone (ViT-S/14 at 112 px, from `peft_toast.assets`) on a Fashion-MNIST subset.
 
-    python examples/train_image_classifier.py --max_steps 60 --train_size 960
+    python examples/train_image_classifier.py --max-steps 60 --train-size 960
     python examples/train_image_classifier.py --model google/vit-base-patch16-224-in21k --dataset cifar10 \
-        --image_column img --train_size 5000 --max_steps 500
+        --image-column img --train-size 5000 --max-steps 500
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from example_utils import (
     TRAINER_CHECKPOINT_MARKER,
     add_image_classification_arguments,
     add_seed_and_resume_arguments,
-    example_parser,
     image_classification_splits,
     image_model_path,
     initialise_prompt,
@@ -32,17 +31,18 @@ from peft import get_peft_model
 from transformers import AutoImageProcessor, Trainer, set_seed
 
 from peft_toast import ToastConfig
+from peft_toast.cli import script_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = example_parser(__doc__)
+    parser = script_parser(__doc__)
     add_image_classification_arguments(parser)
-    parser.add_argument("--output_dir", default="outputs/image-classifier-toast")
-    parser.add_argument("--max_steps", type=int, default=60, help="Optimizer steps.")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--save_steps", type=int, default=20, help="Write a checkpoint every this many steps.")
-    parser.add_argument("--logging_steps", type=int, default=10)
+    parser.add_argument("--output-dir", default="outputs/image-classifier-toast")
+    parser.add_argument("--max-steps", type=int, default=60, help="Optimizer steps.")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--save-steps", type=int, default=20, help="Write a checkpoint every this many steps.")
+    parser.add_argument("--logging-steps", type=int, default=10)
     add_seed_and_resume_arguments(parser)
     return parser.parse_args(argv)
 

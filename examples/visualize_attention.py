@@ -5,17 +5,17 @@ heads is measured with the adapter disabled (the frozen model) and enabled, toge
 
 Images (default): the DINOv2-small ViT (112 px, offline assets) on Fashion-MNIST test images. The figure overlays both
 attention maps and the gates on each image; the numbers are the attention entropy and the share of attention on the
-object (the patches whose mean pixel value is above --object_threshold: Fashion-MNIST has a black background).
+object (the patches whose mean pixel value is above --object-threshold: Fashion-MNIST has a black background).
 
 Text (--text): SmolLM2-135M (offline assets) as a sentiment classifier of tweets. The figure shows each token's gate,
 the last token's attention to each token, frozen vs TOAST, and the change.
 
 Both work from a saved adapter folder (--adapter); without one, a quick adapter is trained first (a few dozen steps on a
-small subset) and saved in --output_dir/adapter.
+small subset) and saved in --output-dir/adapter.
 
     python examples/visualize_attention.py
     python examples/visualize_attention.py --adapter outputs/image-classifier-toast/adapter
-    python examples/visualize_attention.py --text --train_steps 30
+    python examples/visualize_attention.py --text --train-steps 30
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from example_utils import (
     causal_lm_path,
-    example_parser,
     image_classification_splits,
     image_model_path,
     load_image_classifier,
@@ -47,6 +46,7 @@ from transformers import (
 )
 
 from peft_toast import ToastConfig
+from peft_toast.cli import script_parser
 from peft_toast.io import atomic_file
 from peft_toast.visualize import (
     ImageAttentionMaps,
@@ -61,7 +61,7 @@ from peft_toast.visualize import (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = example_parser(__doc__)
+    parser = script_parser(__doc__)
     parser.add_argument("--text", action="store_true", help="Text (tweet sentiment) instead of images.")
     parser.add_argument(
         "--model",
@@ -73,22 +73,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--adapter",
         default=None,
         help="A saved TOAST adapter folder for --model. Without it, a quick "
-        "adapter is trained and saved in --output_dir/adapter.",
+        "adapter is trained and saved in --output-dir/adapter.",
     )
-    parser.add_argument("--output_dir", default="outputs/visualize-attention")
-    parser.add_argument("--eval_size", type=int, default=64, help="Test examples the numbers are averaged over.")
-    parser.add_argument("--num_figure", type=int, default=4, help="Images in the figure (text: the figure shows one).")
+    parser.add_argument("--output-dir", default="outputs/visualize-attention")
+    parser.add_argument("--eval-size", type=int, default=64, help="Test examples the numbers are averaged over.")
+    parser.add_argument("--num-figure", type=int, default=4, help="Images in the figure (text: the figure shows one).")
     parser.add_argument(
-        "--object_threshold",
+        "--object-threshold",
         type=float,
         default=0.2,
         help="A patch shows the object when its mean pixel value (in [0, 1]) is above this.",
     )
-    parser.add_argument("--train_steps", type=int, default=40, help="Steps of the quick adapter.")
-    parser.add_argument("--train_size", type=int, default=640, help="Training examples of the quick adapter.")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--max_length", type=int, default=48, help="Text: tokens per tweet.")
+    parser.add_argument("--train-steps", type=int, default=40, help="Steps of the quick adapter.")
+    parser.add_argument("--train-size", type=int, default=640, help="Training examples of the quick adapter.")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--max-length", type=int, default=48, help="Text: tokens per tweet.")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 

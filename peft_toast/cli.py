@@ -3,12 +3,16 @@ data by name, batching, the arguments the two commands share.
 
 `--model` and `--data` also accept the offline models and datasets of `peft_toast.assets` (`--model` goes through its
 `resolve_model`); this is the only package module that imports it, and `import peft_toast` never loads this one.
+
+`HyphenArgumentParser` is the parser of every command of the project (these two; examples/ and benchmarks/ through
+`script_parser`): long options spelt with hyphens, their underscore spelling accepted too.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -22,6 +26,7 @@ __all__ = [
     "AUTOCAST_DTYPES",
     "OFFLINE_DATA",
     "OFFLINE_MODELS",
+    "HyphenArgumentParser",
     "add_data_arguments",
     "cli_parser",
     "examples_from_args",
@@ -33,12 +38,52 @@ __all__ = [
     "make_batches",
     "model_and_processor_from_args",
     "resolve_model_path",
+    "script_parser",
     "toast_config_from_args",
 ]
 
 # Offline datasets of `peft_toast.assets`, accepted by `--data` besides text files and Hub dataset names.
 OFFLINE_DATA = ("fashion-mnist", "tweets")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class HyphenArgumentParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` with the project's one flag style: long options are declared and shown with hyphens
+    (`--train-size`; the value is `args.train_size`, as argparse names it), and each one's underscore spelling
+    (`--train_size`, `--train_size=5`, the examples' former style) is accepted as a hidden alias, so that older commands
+    keep working. Declaring a long option with an underscore is refused, so the style cannot drift back."""
+
+    def add_argument(self, *name_or_flags: str, **kwargs):
+        for flag in name_or_flags:
+            if flag.startswith("--") and "_" in flag:
+                raise ValueError(
+                    f"Spell the option {flag} with hyphens, {flag.replace('_', '-')} (the underscore spelling is "
+                    f"accepted anyway)."
+                )
+        return super().add_argument(*name_or_flags, **kwargs)
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Optional[argparse.Namespace] = None):
+        args = list(sys.argv[1:] if args is None else args)
+        end = args.index("--") if "--" in args else len(args)  # after `--` every word is a value
+        return super().parse_known_args([*map(self._hyphenated, args[:end]), *args[end:]], namespace)
+
+    def _hyphenated(self, word: str) -> str:
+        """`word` with the underscores of its option name made hyphens, when that names one of this parser's long
+        options (or, as argparse allows, abbreviates one); any other word unchanged."""
+        name, equals, value = word.partition("=")
+        if not name.startswith("--") or "_" not in name:
+            return word
+        spelt = name.replace("_", "-")
+        options = [option for option in self._option_string_actions if option.startswith("--")]
+        if spelt in options or (self.allow_abbrev and any(option.startswith(spelt) for option in options)):
+            return spelt + equals + value
+        return word
+
+
+def script_parser(description: str) -> HyphenArgumentParser:
+    """The parser of a script of examples/ or benchmarks/: its `--help` starts with `description` (the script's
+    docstring) with its line breaks kept."""
+    return HyphenArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def resolve_model_path(model: str) -> str:
@@ -159,10 +204,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def cli_parser(command: str, description: str) -> argparse.ArgumentParser:
+def cli_parser(command: str, description: str) -> HyphenArgumentParser:
     """The parser of `python -m peft_toast.<command>` (`calibrate` or `pretune`), with the arguments that they share
     (`add_data_arguments`)."""
-    parser = argparse.ArgumentParser(prog=f"python -m peft_toast.{command}", description=description)
+    parser = HyphenArgumentParser(prog=f"python -m peft_toast.{command}", description=description)
     add_data_arguments(parser)
     return parser
 

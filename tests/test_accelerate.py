@@ -43,7 +43,7 @@ def accelerate_args(model_dir: str, dataset_dir: str, **overrides) -> list[str]:
     tests compare runs bit for bit, which GPU kernels do not promise)."""
     options = {"model": model_dir, "dataset": dataset_dir, "max_steps": 6, "per_device_batch_size": 4,
                "save_steps": 2, "eval_size": 8, **overrides}  # fmt: skip
-    return ["--cpu", *(f"--{key}={value}" for key, value in options.items())]
+    return ["--cpu", *(f"--{key.replace('_', '-')}={value}" for key, value in options.items())]
 
 
 def test_adapter_has_the_trainer_format(tmp_path, tiny_vit_dir, tiny_image_dataset_dir):
@@ -121,7 +121,7 @@ def test_run_killed_and_resumed_ends_at_the_uninterrupted_adapter(tmp_path, tiny
         tiny_vit_dir, tiny_image_dataset_dir, max_steps=200, save_steps=10, per_device_batch_size=2,
         gradient_accumulation_steps=2,
     )  # fmt: skip
-    train_accelerate.main([*arguments, f"--output_dir={tmp_path / 'uninterrupted'}"])
+    train_accelerate.main([*arguments, f"--output-dir={tmp_path / 'uninterrupted'}"])
     step = run_killed_then_resumed(
         "train_accelerate.py", arguments, tmp_path / "killed", train_accelerate.ACCELERATE_CHECKPOINT_MARKER
     )
@@ -150,12 +150,12 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, ti
     ]  # fmt: skip
     script = [str(EXAMPLES / "train_accelerate.py"), *arguments]
     runs = {
-        "ddp": [*launch, *script, "--per_device_batch_size=2"],
-        "single": [sys.executable, *script, "--per_device_batch_size=4"],
+        "ddp": [*launch, *script, "--per-device-batch-size=2"],
+        "single": [sys.executable, *script, "--per-device-batch-size=4"],
     }
     for name, command in runs.items():
         result = subprocess.run(
-            [*command, f"--output_dir={tmp_path / name}"], env=environment, capture_output=True, text=True, timeout=240
+            [*command, f"--output-dir={tmp_path / name}"], env=environment, capture_output=True, text=True, timeout=240
         )
         assert result.returncode == 0, result.stderr[-3000:]
     # Both processes wrote their random state; only the main one wrote the adapter.

@@ -135,7 +135,7 @@ def image_args(model_dir: str, dataset_dir: str, **overrides) -> list[str]:
         "eval_size": 8,
         **overrides,
     }
-    return [f"--{key}={value}" for key, value in options.items()]
+    return [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
 
 
 def text_args(model_dir: str, dataset_dir: str, **overrides) -> list[str]:
@@ -152,7 +152,7 @@ def text_args(model_dir: str, dataset_dir: str, **overrides) -> list[str]:
         "max_length": 32,
         **overrides,
     }
-    return [f"--{key}={value}" for key, value in options.items()]
+    return [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
 
 
 # --------------------------------------------------------------------------------------------- image classifier
@@ -211,7 +211,7 @@ def test_instruction_labels_mask_exactly_the_prompt():
     short = example_utils.encode_instruction(tokenizer, prompt, "positive", max_length=5)
     assert short["input_ids"] == prompt_ids[-3:] + [positive, eos]
     assert short["labels"] == [-100] * 3 + [positive, eos]
-    with pytest.raises(ValueError, match="Raise --max_length"):
+    with pytest.raises(ValueError, match="Raise --max-length"):
         example_utils.encode_instruction(tokenizer, prompt, "positive w1", max_length=3)
 
 
@@ -289,7 +289,7 @@ def test_causal_lm_gradient_checkpointing_gives_the_same_adapter(
     )
     train_causal_lm.main(
         text_args(tiny_llama_dir, tiny_text_dataset_dir, output_dir=tmp_path / "checkpointed", **options)
-        + ["--gradient_checkpointing"]
+        + ["--gradient-checkpointing"]
     )
     assert recomputed_blocks and all(kwargs["use_reentrant"] is False for kwargs in recomputed_blocks)
     assert_same_adapter(tmp_path / "plain" / "adapter", tmp_path / "checkpointed" / "adapter", atol=1e-6)
@@ -320,9 +320,9 @@ def test_last_checkpoint(tmp_path):
 
 def run_killed_then_resumed(script: str, arguments: list[str], output_dir: Path, marker: str, timeout: float = 150):
     """Run `script` until its first complete checkpoint appears, SIGKILL it, then rerun it with
-    `--resume_from_checkpoint latest` to the end. Returns the step the resumed run started from."""
+    `--resume-from-checkpoint latest` to the end. Returns the step the resumed run started from."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, str(EXAMPLES / script), *arguments, f"--output_dir={output_dir}"]
+    command = [sys.executable, str(EXAMPLES / script), *arguments, f"--output-dir={output_dir}"]
     log = output_dir.with_name(output_dir.name + ".log")
     with open(log, "wb") as log_file:  # a file, not a pipe: a full pipe would stall the run
         process = subprocess.Popen(command, env=environment, stdout=log_file, stderr=subprocess.STDOUT)
@@ -341,7 +341,7 @@ def run_killed_then_resumed(script: str, arguments: list[str], output_dir: Path,
     resumed_from = example_utils.last_checkpoint(str(output_dir), marker)
 
     result = subprocess.run(
-        [*command, "--resume_from_checkpoint=latest"], env=environment, capture_output=True, text=True, timeout=timeout
+        [*command, "--resume-from-checkpoint=latest"], env=environment, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming from {resumed_from}." in result.stdout
@@ -354,7 +354,7 @@ def test_trainer_run_killed_and_resumed_ends_at_the_uninterrupted_adapter(
     tmp_path, tiny_vit_dir, tiny_image_dataset_dir
 ):
     arguments = image_args(tiny_vit_dir, tiny_image_dataset_dir, max_steps=200, save_steps=10, logging_steps=50)
-    train_image_classifier.main([*arguments, f"--output_dir={tmp_path / 'uninterrupted'}"])
+    train_image_classifier.main([*arguments, f"--output-dir={tmp_path / 'uninterrupted'}"])
     step = run_killed_then_resumed(
         "train_image_classifier.py", arguments, tmp_path / "killed", example_utils.TRAINER_CHECKPOINT_MARKER
     )

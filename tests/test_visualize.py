@@ -148,17 +148,17 @@ def test_example_trains_saves_and_visualises_from_the_saved_folder(tmp_path):
 
     results = visualize_attention.main(
         [
-            "--train_steps",
+            "--train-steps",
             "2",
-            "--train_size",
+            "--train-size",
             "32",
-            "--batch_size",
+            "--batch-size",
             "8",
-            "--eval_size",
+            "--eval-size",
             "8",
-            "--num_figure",
+            "--num-figure",
             "2",
-            "--output_dir",
+            "--output-dir",
             str(tmp_path),
         ]
     )
