@@ -9,9 +9,9 @@ process builds the model with a TOAST adapter, its AdamW optimizer and one fixed
   memory that glibc kept from the warm-up steps is first returned with `malloc_trim`, else it would count as "before");
 - CUDA: `torch.cuda.max_memory_allocated`, likewise.
 
-Checkpointing is enabled the way `Trainer(gradient_checkpointing=True)` does it, non-reentrant:
-`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})`. The first step's loss and
-adapter-gradient norm are recorded in both configurations: checkpointing must not change them.
+Checkpointing is enabled the way `TrainingArguments(activation_checkpointing=True)` does it, non-reentrant:
+`model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})`. The first step's
+loss and adapter-gradient norm are recorded in both configurations: checkpointing must not change them.
 
 Default model: SmolLM2-135M-Instruct (offline, `peft_toast.assets`; 30 blocks), batch 4 x 256 tokens.
 
@@ -76,7 +76,7 @@ def measure(config: dict) -> dict:
     )
     model = get_peft_model(base, ToastConfig(task_type="CAUSAL_LM", readout_init="reference")).to(device)
     if config["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     generator = torch.Generator().manual_seed(0)
     shape = (config["batch_size"], config["seq_len"])

@@ -27,11 +27,10 @@ import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoImageProcessor, AutoModelForImageClassification  # noqa: E402
-from transformers import logging as transformers_logging  # noqa: E402
 
 from peft_toast import ToastConfig  # noqa: E402
 from peft_toast.assets import resolve_model  # noqa: E402
-from peft_toast.cli import script_parser  # noqa: E402
+from peft_toast.cli import expected_load_report, script_parser  # noqa: E402
 from peft_toast.io import atomic_save_pretrained  # noqa: E402
 
 
@@ -155,7 +154,6 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    transformers_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
     start = time.perf_counter()
 
     model_path = resolve_model(args.model, default="dinov2-small", image_size=args.image_size)
@@ -163,13 +161,14 @@ def main() -> None:
     train_set, test_set, class_names = load_data(args)
     processor = AutoImageProcessor.from_pretrained(model_path)
     train, test = preprocess(train_set, processor), preprocess(test_set, processor)
-    model = AutoModelForImageClassification.from_pretrained(
-        model_path,
-        num_labels=len(class_names),
-        id2label=dict(enumerate(class_names)),
-        label2id={name: i for i, name in enumerate(class_names)},
-        ignore_mismatched_sizes=True,
-    )
+    with expected_load_report():  # the new head's "newly initialized" rows
+        model = AutoModelForImageClassification.from_pretrained(
+            model_path,
+            num_labels=len(class_names),
+            id2label=dict(enumerate(class_names)),
+            label2id={name: i for i, name in enumerate(class_names)},
+            ignore_mismatched_sizes=True,
+        )
     print(f"{model_name}: {len(train[1])} training and {len(test[1])} test images, {len(class_names)} classes")
 
     probe_head, probe_accuracy = linear_probe(model, train, test, args)

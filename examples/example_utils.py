@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForImageClassification, PreTrainedModel, TrainingArguments, default_data_collator
 
 from peft_toast.assets import resolve_model
+from peft_toast.cli import expected_load_report
 from peft_toast.io import atomic_save_pretrained
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -151,13 +152,14 @@ def image_classification_splits(
 
 def load_image_classifier(model_name_or_path: str, label_names: list[str]) -> PreTrainedModel:
     """An image classifier with a fresh head for `label_names` (a backbone without a head, e.g. a `ViTModel`, gets one)."""
-    return AutoModelForImageClassification.from_pretrained(
-        model_name_or_path,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-        ignore_mismatched_sizes=True,  # a Hub checkpoint's head for other classes is replaced
-    )
+    with expected_load_report():  # the fresh head's "newly initialized" rows
+        return AutoModelForImageClassification.from_pretrained(
+            model_name_or_path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+            ignore_mismatched_sizes=True,  # a Hub checkpoint's head for other classes is replaced
+        )
 
 
 # ------------------------------------------------------------------------------------------- instruction tuning
@@ -210,6 +212,7 @@ def training_arguments(args: argparse.Namespace, **fields) -> TrainingArguments:
         seed=args.seed,
         label_names=["labels"],  # a PeftModel's forward hides the argument names the Trainer would look for
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs a GPU: on a CPU, torch warns it is ignored
         report_to=[],
         **fields,
     )

@@ -46,7 +46,7 @@ from transformers import (
 )
 
 from peft_toast import ToastConfig
-from peft_toast.cli import script_parser
+from peft_toast.cli import expected_load_report, script_parser
 from peft_toast.io import atomic_file
 from peft_toast.visualize import (
     ImageAttentionMaps,
@@ -197,12 +197,13 @@ def run_text(args: argparse.Namespace) -> dict:
     label_names = splits["train"].features["label"].names
 
     def load_base():
-        base = AutoModelForSequenceClassification.from_pretrained(
-            args.model,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)},
-        )
+        with expected_load_report():  # the new head's "newly initialized" rows
+            base = AutoModelForSequenceClassification.from_pretrained(
+                args.model,
+                num_labels=len(label_names),
+                id2label=dict(enumerate(label_names)),
+                label2id={name: i for i, name in enumerate(label_names)},
+            )
         base.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last token before the padding
         return base
 

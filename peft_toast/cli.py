@@ -11,9 +11,10 @@ data by name, batching, the arguments the two commands share.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "add_data_arguments",
     "cli_parser",
     "examples_from_args",
+    "expected_load_report",
     "image_classifier_from_backbone",
     "labelled_examples",
     "labelled_image_batches",
@@ -265,14 +267,23 @@ def labelled_examples(
 def image_classifier_from_backbone(model: str, num_labels: int) -> nn.Module:
     """`model` with a fresh `num_labels`-way classification head (the source task's head, dropped at transfer)."""
     from transformers import AutoModelForImageClassification
-    from transformers.utils import logging
 
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
-    try:
+    with expected_load_report():  # the new head's "newly initialized" rows
         return AutoModelForImageClassification.from_pretrained(
             resolve_model_path(model), num_labels=num_labels, ignore_mismatched_sizes=True
         ).eval()
+
+
+@contextlib.contextmanager
+def expected_load_report() -> Iterator[None]:
+    """transformers' logging at error level inside the block: for a `from_pretrained` whose load report is expected (a
+    new head's weights are "newly initialized" or "mismatched"), so that users see no warning for what they asked."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
     finally:
         logging.set_verbosity(verbosity)
 

@@ -94,13 +94,13 @@ def checkpoint_with_signals(checkpoint_fn: Callable) -> Callable:
             raise ValueError(
                 "TOAST does not support reentrant gradient checkpointing: the top-down signal is not an explicit input "
                 "of the checkpointed block, so reentrant recomputation cannot route its gradient. Use "
-                "`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})` "
+                "`model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})` "
                 "(the transformers default), which gives the same gradients."
             )
         if "context_fn" in keywords:
             raise ValueError(
                 "TOAST needs `context_fn` of torch.utils.checkpoint to restore the top-down signals during "
-                "recomputation; remove `context_fn` from `gradient_checkpointing_kwargs`."
+                "recomputation; remove `context_fn` from `activation_checkpointing_kwargs`."
             )
         return checkpoint_fn(
             function, *args, context_fn=lambda: (contextlib.nullcontext(), use_state(state)), **kwargs

@@ -128,7 +128,7 @@ def _mirrored(method, name: str, follower: Callable):
 
 def wrap_block_checkpointing(blocks: Iterable, wrapper: Callable[[Callable], Callable]) -> None:
     """Replace the gradient-checkpointing function of every block that checkpoints (transformers'
-    `GradientCheckpointingLayer` keeps it in `_gradient_checkpointing_func` once `gradient_checkpointing_enable()` ran)
+    `GradientCheckpointingLayer` keeps it in `_gradient_checkpointing_func` once `activation_checkpointing_enable()` ran)
     by `wrapper(function)`; `wrapper` must return a function it already wrapped unchanged."""
     for block in blocks:
         function = getattr(block, "_gradient_checkpointing_func", None)

@@ -14,7 +14,7 @@ from transformers import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     PreTrainedTokenizerFast,
-    ViTImageProcessor,
+    ViTImageProcessorPil,
     ViTModel,
 )
 
@@ -28,7 +28,7 @@ from peft_toast.calibration import (
     reconstruction_error,
     reduced_rank_map,
 )
-from peft_toast.cli import load_examples, make_batches
+from peft_toast.cli import expected_load_report, load_examples, make_batches
 from peft_toast.loading import load_initialisation
 
 
@@ -481,7 +481,9 @@ def test_load_initialisation_from_a_causal_lm_into_a_classifier(tiny_llama_folde
     output = tmp_path / "calibrated"
     main(["--model", str(folder), "--data", str(text), "--num-samples", "6", "--output", str(output)])
     saved = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder), output)
-    model = load_initialisation(LlamaForSequenceClassification.from_pretrained(folder, num_labels=2), output)
+    with expected_load_report():  # the new head
+        classifier = LlamaForSequenceClassification.from_pretrained(folder, num_labels=2)
+    model = load_initialisation(classifier, output)
     _assert_same_maps(model, saved)
     assert model.base_model.model.score.modules_to_save["default"].weight.shape == (2, 32)
 
@@ -508,7 +510,7 @@ def test_vision_cli_end_to_end(tmp_path):
     """`--data fashion-mnist` through an image processor, on a tiny ViT saved to a folder."""
     folder = tmp_path / "tiny-vit"
     make_vit(with_head=False).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(folder)
     output = tmp_path / "calibrated"
     result = main(
         [
@@ -556,7 +558,7 @@ def test_cli_calibrates_the_real_dinov2(tmp_path):
     path = dinov2_small_vit_path()
     loaded = PeftModel.from_pretrained(ViTModel.from_pretrained(path), output)
     identity = get_peft_model(ViTModel.from_pretrained(path), ToastConfig())
-    processor = ViTImageProcessor.from_pretrained(path)
+    processor = ViTImageProcessorPil.from_pretrained(path)
     held_out = list(make_batches(load_examples("fashion-mnist", 16, split="test"), processor, batch_size=16))
     assert reconstruction_error(loaded, held_out) < 0.2 * reconstruction_error(identity, held_out)
 

@@ -355,7 +355,7 @@ def test_decoder_refuses_cached_features_for_generation():
         with pytest.raises(ValueError, match="Drop `toast_features` to generate"):
             model(**inputs, toast_features=features, use_cache=True)
         output = model(**inputs, toast_features=features)  # teacher-forced evaluation: no cache is made
-    assert output.past_key_values is None
+    assert output.cache is None
     torch.testing.assert_close(output.logits, model(**inputs, use_cache=False).logits, rtol=0, atol=0)
 
 

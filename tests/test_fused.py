@@ -18,14 +18,17 @@ from peft import get_peft_model
 from peft_toast import ToastArchitecture, ToastConfig
 from peft_toast.architectures import fused_value_index
 
-_SMALL = dict(num_hidden_layers=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+# Eager attention returns the attention probabilities the checks read (Falcon's can only be chosen at construction).
+_TOKENS = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, attn_implementation="eager")
+_SMALL = dict(num_hidden_layers=2, pad_token_id=1, **_TOKENS)
+_MODERNBERT = dict(cls_token_id=2, sep_token_id=3, **_SMALL)  # its defaults lie beyond the tiny vocabulary
 
 FAMILIES = {
     "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(
         transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=4, intermediate_size=37, **_SMALL)
     ),
     "bloom": lambda: transformers.BloomForCausalLM(
-        transformers.BloomConfig(hidden_size=32, n_head=4, n_layer=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1)
+        transformers.BloomConfig(hidden_size=32, n_head=4, n_layer=2, **_TOKENS)
     ),
     "falcon-grouped": lambda: transformers.FalconForCausalLM(
         transformers.FalconConfig(
@@ -39,26 +42,20 @@ FAMILIES = {
         transformers.FalconConfig(hidden_size=32, num_attention_heads=4, multi_query=False, **_SMALL)
     ),
     "gpt_bigcode-multi-query": lambda: transformers.GPTBigCodeForCausalLM(
-        transformers.GPTBigCodeConfig(
-            n_embd=32, n_head=4, n_layer=2, multi_query=True, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1
-        )
+        transformers.GPTBigCodeConfig(n_embd=32, n_head=4, n_layer=2, multi_query=True, **_TOKENS)
     ),  # fmt: skip
     "gpt_bigcode-per-head": lambda: transformers.GPTBigCodeForCausalLM(
-        transformers.GPTBigCodeConfig(
-            n_embd=32, n_head=4, n_layer=2, multi_query=False, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1
-        )
+        transformers.GPTBigCodeConfig(n_embd=32, n_head=4, n_layer=2, multi_query=False, **_TOKENS)
     ),  # fmt: skip
     "phi3-grouped-query": lambda: transformers.Phi3ForCausalLM(
         transformers.Phi3Config(
             hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=37, **_SMALL
         )
     ),  # fmt: skip
-    "gpt2": lambda: transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1)
-    ),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_head=4, n_layer=2, **_TOKENS)),
     "modernbert": lambda: transformers.ModernBertForMaskedLM(
         transformers.ModernBertConfig(
-            hidden_size=32, num_attention_heads=4, intermediate_size=37, global_attn_every_n_layers=1, **_SMALL
+            hidden_size=32, num_attention_heads=4, intermediate_size=37, global_attn_every_n_layers=1, **_MODERNBERT
         )
     ),  # fmt: skip
 }
@@ -67,7 +64,7 @@ FAMILIES = {
 def _model(family: str):
     torch.manual_seed(0)
     model = FAMILIES[family]()
-    model.set_attn_implementation("eager")  # attention probabilities for the checks
+    assert model.config._attn_implementation == "eager"
     return model.eval()
 
 

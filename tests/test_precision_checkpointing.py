@@ -46,6 +46,7 @@ def training_inputs(kind: str, dtype: torch.dtype = torch.float32) -> dict:
     inputs = make_inputs(kind)
     if kind == "llama":
         inputs["labels"] = inputs["input_ids"]
+        inputs["use_cache"] = False  # training makes no KV cache (under checkpointing transformers would say so)
     else:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         inputs["labels"] = torch.tensor([0, 2])
@@ -53,7 +54,7 @@ def training_inputs(kind: str, dtype: torch.dtype = torch.float32) -> dict:
 
 
 def enable_checkpointing(model, use_reentrant: bool = False) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
 
 
 def gradients(model) -> dict[str, torch.Tensor]:
@@ -145,8 +146,8 @@ def test_reentrant_checkpointing_raises(kind):
 
 def test_checkpointing_with_a_user_context_fn_raises():
     model = make_toast("vit")
-    model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": torch.utils.checkpoint.noop_context_fn}
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": torch.utils.checkpoint.noop_context_fn}
     )
     with pytest.raises(ValueError, match="remove `context_fn`"):
         model(**training_inputs("vit"))

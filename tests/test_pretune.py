@@ -96,8 +96,8 @@ def test_cli_pretunes_on_labelled_source_classes_and_a_transfer_starts_from_it(t
     tensors with a fresh head."""
     model_dir = tmp_path / "vit"
     torch.manual_seed(0)
-    make_vit().save_pretrained(model_dir)
-    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(model_dir)
+    make_vit(with_head=False).save_pretrained(model_dir)  # a backbone, as the CLI loads it
+    transformers.ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(model_dir)
     data_dir = tmp_path / "images"
     rng = np.random.default_rng(0)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list("abc"))})

@@ -54,7 +54,7 @@ def tiny_vit_dir(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("tiny-vit")
     torch.manual_seed(0)
     make_vit().save_pretrained(folder)
-    transformers.ViTImageProcessor(size={"height": IMAGE, "width": IMAGE}).save_pretrained(folder)
+    transformers.ViTImageProcessorPil(size={"height": IMAGE, "width": IMAGE}).save_pretrained(folder)
     return str(folder)
 
 

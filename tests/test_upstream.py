@@ -97,7 +97,7 @@ def test_mirrored_calls_reach_the_follower_and_survive_a_deep_copy():
 
 def test_blocks_keep_their_gradient_checkpointing_function():
     model = get_peft_model(make_llama(), ToastConfig())
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     blocks = model.base_model.architecture.blocks
     assert all(getattr(block, "gradient_checkpointing", False) for block in blocks)
     assert all(callable(getattr(block, "_gradient_checkpointing_func", None)) for block in blocks)
