@@ -684,7 +684,9 @@ def summary_table(task: dict) -> str:
                 (
                     steps,
                     record["label"],
-                    f"**{100 * record['test_accuracy_mean']:.1f} ± {100 * record['test_accuracy_std']:.1f}**",
+                    f"**{100 * record['test_accuracy_mean']:.1f} ± {100 * record['test_accuracy_std']:.1f}**"
+                    if len(record["runs"]) > 1
+                    else f"**{100 * record['test_accuracy_mean']:.1f}** (seed 0 only)",
                     f"{record['best_lr']:g}",
                     sweep or "—",
                     mechanism or "—",
@@ -806,27 +808,34 @@ def plot_clutter(curves: dict) -> None:
 
 def plot(results: dict) -> None:
     tasks = results["tasks"]
+    clutter = clutter_curves(results)["k"]
+    if len(clutter) > 1:  # the other clutter levels are in transfer-clutter.png: keep the one with the most methods
+        shown_elsewhere = {f"clutter-{k}" for k in clutter[:-1]}
+        tasks = {name: task for name, task in tasks.items() if name not in shown_elsewhere}
     plt, figure, axes = common.figure_per_task(len(tasks), 4.5, 3.6)
     colors = {method: f"C{index}" for index, method in enumerate(METHODS)}
     for axis, task in zip(axes, tasks.values()):
         steps = [int(s) for s in task["budgets"]]
-        methods = list(next(iter(task["budgets"].values())))
-        records = {m: [task["budgets"][str(s)][m] for s in steps] for m in methods}
-        means = {m: [100 * r["test_accuracy_mean"] for r in rs] for m, rs in records.items()}
-        stds = {m: [100 * r["test_accuracy_std"] for r in rs] for m, rs in records.items()}
+        methods = list(
+            dict.fromkeys(m for budget in task["budgets"].values() for m in budget)
+        )  # in order of appearance
+        # Per method, the budgets it ran at (a diagnostic may have run at one budget only).
+        points = {m: [(s, task["budgets"][str(s)][m]) for s in steps if m in task["budgets"][str(s)]] for m in methods}
+        means = {m: [100 * r["test_accuracy_mean"] for _, r in ps] for m, ps in points.items()}
+        stds = {m: [100 * r["test_accuracy_std"] for _, r in ps] for m, ps in points.items()}
         if len(steps) == 1:  # one budget: a bar per method
             axis.bar(range(len(methods)), [means[m][0] for m in methods], yerr=[stds[m][0] for m in methods],
                      color=[colors[m] for m in methods], capsize=3)  # fmt: skip
             axis.set_xticks(range(len(methods)))
-            axis.set_xticklabels([LABELS[m].replace(", ", ",\n") for m in methods], fontsize=6)
+            axis.set_xticklabels([LABELS[m] for m in methods], fontsize=6, rotation=35, ha="right")
             low = min(means[m][0] - stds[m][0] for m in methods)
             axis.set_ylim(max(0, low - 5), min(100, max(means[m][0] + stds[m][0] for m in methods) + 3))
             axis.set_xlabel(f"{steps[0]} training steps (batch 16)")
         else:
             for method in methods:
-                style = "-" if method.startswith("toast") else "--"
-                axis.errorbar(steps, means[method], yerr=stds[method], fmt=style + "o", capsize=3, markersize=4,
-                              label=LABELS[method], color=colors[method])  # fmt: skip
+                style = ("-" if method.startswith("toast") else "--") + ("o" if len(points[method]) > 1 else "s")
+                axis.errorbar([s for s, _ in points[method]], means[method], yerr=stds[method], fmt=style, capsize=3,
+                              markersize=4, label=LABELS[method], color=colors[method])  # fmt: skip
             axis.set_xscale("log")
             axis.set_xlabel("training steps (batch 16)")
             axis.legend(fontsize=7)
