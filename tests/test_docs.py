@@ -1,19 +1,24 @@
 """The documentation cannot rot: its code runs, its generated pages match the code, its links resolve, and what it
 quotes is what the library prints.
 
-Every ```python block of `docs/*.md` and `README.md` runs, each file's blocks in order in one namespace (a later block
-may use an earlier one's names), in a temporary working directory. A block written right after a line
+Every ```python block of `docs/*.md` and `README.md` runs on its own, as a reader who copies it into a new program runs
+it: in a process of its own, with none of the names, imports or registrations of the blocks before it, so each block
+carries its own imports and tiny model. A page's blocks run in order in one temporary working directory: a block may
+read a file an earlier one wrote (an adapter saved "in a new program"), never a name. A block written right after a line
 `<!-- no-test: reason -->` is skipped; that is for Hub and network calls and for fragments only.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.util
+import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -59,13 +64,94 @@ def code_blocks(text: str) -> list[CodeBlock]:
     return blocks
 
 
-@pytest.fixture
-def restore_architectures():
-    """Docs may teach TOAST an architecture (`register_architecture`): keep that out of the other tests."""
-    saved = copy.copy(architectures.ARCHITECTURES)
-    yield
-    architectures.ARCHITECTURES.clear()
-    architectures.ARCHITECTURES.update(saved)
+# Runs one block (a JSON job: code, line, path, cwd, log) as the program `__main__` of a new process: its output goes to
+# the job's log, an exception makes the exit status 1. `serve MODULE...` is a zygote instead: it imports the slow
+# third-party modules once, then forks a process per job read from stdin and answers with its exit status. A forked
+# block ends with `os._exit` once its own objects are finalised: tearing down torch and transformers again in every
+# process would cost more than the block.
+RUNNER = r"""
+import gc, json, os, sys, traceback, types
+
+def run(job):
+    log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.chdir(job["cwd"])
+    sys.argv = [job["path"]]
+    main = sys.modules["__main__"] = types.ModuleType("__main__")  # a fresh namespace: nothing of this runner
+    # Padding with newlines makes tracebacks point at the line of the Markdown file.
+    exec(compile("\n" * (job["line"] - 1) + job["code"], job["path"], "exec"), main.__dict__)
+
+def run_forked(job):
+    try:
+        run(job)
+        status = 0
+    except SystemExit as stop:
+        status = 0 if stop.code in (None, 0) else 1
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    sys.modules["__main__"].__dict__.clear()
+    gc.collect()  # the block's objects are finalised (its files closed), as at the end of a program
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+if sys.argv[1] == "serve":
+    for module in sys.argv[2:]:
+        __import__(module)
+    for line in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            run_forked(json.loads(line))
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+else:
+    run(json.loads(sys.argv[1]))
+"""
+# What the zygote imports before forking: third-party modules only. Never peft_toast, whose import registers TOAST with
+# PEFT: a block that forgets `import peft_toast` must fail as it would in a new program.
+PRELOAD = ("torch", "transformers", "peft", "datasets", "transformers.trainer")
+BLOCK_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def run_block(tmp_path_factory) -> Iterator[Callable[[dict], int]]:
+    """Runs a block job in a new process and returns its exit status.
+
+    Each block gets a process of its own, forked from a zygote that imported only `PRELOAD` (a new interpreter spends
+    ~8 s on those imports on a 2-core machine; a fork, milliseconds). `PEFT_TOAST_DOCS_FRESH=1` starts a whole new
+    interpreter (`sys.executable`) per block instead, as does a system without `os.fork`. One torch thread, as in the
+    rest of the suite: the blocks' models are tiny.
+    """
+    environment = {**os.environ, **BLOCK_ENVIRONMENT}
+    if os.environ.get("PEFT_TOAST_DOCS_FRESH") == "1" or not hasattr(os, "fork"):
+        yield lambda job: subprocess.run([sys.executable, "-c", RUNNER, json.dumps(job)], env=environment).returncode
+        return
+    log = tmp_path_factory.mktemp("docs") / "zygote.log"
+    with open(log, "w") as errors:
+        zygote = subprocess.Popen(
+            [sys.executable, "-c", RUNNER, "serve", *PRELOAD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            env=environment,
+            text=True,
+            start_new_session=True,  # its own process group: the zygote and the blocks' processes
+        )
+
+    def run(job: dict) -> int:
+        zygote.stdin.write(json.dumps(job) + "\n")
+        zygote.stdin.flush()
+        answer = zygote.stdout.readline()
+        assert answer, f"The block runner died (exit status {zygote.wait()}):\n{log.read_text()}"
+        return int(answer)
+
+    yield run
+    zygote.stdin.close()
+    try:
+        zygote.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # a block hung (and its test failed): end its process and the zygote
+        os.killpg(zygote.pid, signal.SIGKILL)
 
 
 # Pages whose blocks load real pretrained models: they run with the slow tests.
@@ -77,17 +163,21 @@ SLOW_PAGES = {"docs/assets.md"}
     [pytest.param(path, marks=pytest.mark.slow) if relative(path) in SLOW_PAGES else path for path in DOC_FILES],
     ids=relative,
 )
-def test_python_blocks_run(path, tmp_path, monkeypatch, restore_architectures):
+def test_python_blocks_run_each_on_its_own(path, tmp_path, run_block):
     blocks = [block for block in code_blocks(path.read_text()) if block.language == "python"]
     runnable = [block for block in blocks if block.skip_reason is None]
     if not runnable:
         pytest.skip(f"{relative(path)} has no python block to run")
-    monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "__docs__"}
-    for block in runnable:
-        # Padding with newlines makes tracebacks point at the line of the Markdown file.
-        code = compile("\n" * (block.line - 1) + block.code, str(path), "exec")
-        exec(code, namespace)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    for index, block in enumerate(runnable):
+        log = tmp_path / f"block-{index}.log"
+        job = {"code": block.code, "line": block.line, "path": str(path), "cwd": str(workdir), "log": str(log)}
+        status = run_block(job)
+        assert status == 0, (
+            f"The block on line {block.line} of {relative(path)}, run on its own, exited with {status}:\n"
+            f"{log.read_text()}"
+        )
 
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=relative)
@@ -102,6 +192,20 @@ def test_no_test_markers_say_why_and_sit_on_a_python_block(path):
         assert number in skipped and lines[number + 1] == "```python", (
             f"{relative(path)}:{number + 1}: a no-test marker must be the line right before a ```python block."
         )
+
+
+def test_a_block_sees_files_but_no_name_import_or_registration_of_the_blocks_before_it(tmp_path, run_block):
+    blocks = [
+        "import peft_toast\nshared = 1\nopen('written.txt', 'w').write('a block wrote this')\n",
+        "import peft\nassert 'TOAST' not in peft.PeftType.__members__  # registered only by an import of its own\n",
+        "assert open('written.txt').read() == 'a block wrote this'\n",
+        "\n\nprint(shared)\n",
+    ]
+    logs = [tmp_path / f"{index}.log" for index in range(len(blocks))]
+    jobs = [{"code": code, "line": 3, "path": "page.md", "cwd": str(tmp_path), "log": str(log)}
+            for code, log in zip(blocks, logs)]  # fmt: skip
+    assert [run_block(job) for job in jobs] == [0, 0, 0, 1]
+    assert 'File "page.md", line 5' in logs[3].read_text() and "NameError: name 'shared'" in logs[3].read_text()
 
 
 def test_extractor_reads_blocks_markers_and_line_numbers():
