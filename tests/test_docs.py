@@ -152,6 +152,7 @@ def run_block(tmp_path_factory) -> Iterator[Callable[[dict], int]]:
         zygote.wait(timeout=60)
     except subprocess.TimeoutExpired:  # a block hung (and its test failed): end its process and the zygote
         os.killpg(zygote.pid, signal.SIGKILL)
+    zygote.stdout.close()
 
 
 # Pages whose blocks load real pretrained models: they run with the slow tests.
