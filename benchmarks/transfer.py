@@ -586,10 +586,22 @@ def run_task(task: common.Task, args: argparse.Namespace, entry: dict, on_run, s
 
 def merge_results(paths) -> dict:
     """The tasks of several results files; for the same task and budget, a later file's methods join (or replace) an
-    earlier file's."""
+    earlier file's. A method whose run was stopped before all its seeds finished keeps the seeds that did (its table row
+    then says how many)."""
     results = {"tasks": {}}
     for path in paths:
         for name, task in json.loads(Path(path).read_text())["tasks"].items():
+            for methods in task["budgets"].values():
+                for method, record in list(methods.items()):
+                    if "test_accuracy_mean" in record:
+                        continue
+                    finished = [run["test_accuracy"] for run in record.get("runs", []) if "test_accuracy" in run]
+                    if not finished:
+                        del methods[method]  # stopped before any test score
+                    else:
+                        record["runs"] = [run for run in record["runs"] if "test_accuracy" in run]
+                        record["test_accuracy_mean"] = statistics.mean(finished)
+                        record["test_accuracy_std"] = statistics.stdev(finished) if len(finished) > 1 else 0.0
             if name not in results["tasks"]:
                 results["tasks"][name] = task
                 continue

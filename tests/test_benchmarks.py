@@ -359,10 +359,14 @@ def test_transfer_merge_joins_methods_of_the_same_task_and_budget(tmp_path):
         return {"tasks": {"clutter-4": {"probe_lr": 0.03, "budgets": {"200": methods}}}}
 
     first, second = tmp_path / "a.json", tmp_path / "b.json"
-    first.write_text(json.dumps(results({"linear": {"runs": 1}, "lora": {"runs": 2}, "toast": {"runs": 3}})))
-    second.write_text(json.dumps(results({"linear": {"runs": 9}, "toast-fast": {"runs": 4}, "toast": {"runs": 5}})))
+
+    def record(n: int) -> dict:  # a finished record, told apart by its mean
+        return {"runs": [], "test_accuracy_mean": n}
+
+    first.write_text(json.dumps(results({"linear": record(1), "lora": record(2), "toast": record(3)})))
+    second.write_text(json.dumps(results({"linear": record(9), "toast-fast": record(4), "toast": record(5)})))
     merged = transfer.merge_results([first, second])["tasks"]["clutter-4"]["budgets"]["200"]
-    assert merged == {"linear": {"runs": 1}, "lora": {"runs": 2}, "toast": {"runs": 5}, "toast-fast": {"runs": 4}}
+    assert merged == {"linear": record(1), "lora": record(2), "toast": record(5), "toast-fast": record(4)}
 
 
 def test_clutter_curves_follow_k_and_keep_only_methods_measured_at_every_k():
@@ -396,3 +400,17 @@ def test_prompt_directions_point_at_the_target_and_away_from_the_common_tokens()
     torch.testing.assert_close(direction, torch.tensor([1.0, -1.0, 0.0]))
     contrast = transfer.contrast_direction(features)  # no labels: the rare token direction minus the mean one
     assert contrast[0] > 0 > contrast[1] and contrast[2] == 0
+
+
+def test_transfer_merge_keeps_the_finished_seeds_of_a_stopped_run(tmp_path):
+    stopped = {
+        "runs": [{"seed": 0, "test_accuracy": 0.6}, {"seed": 1, "test_accuracy": 0.7}, {"seed": 2}],
+        "sweep": [],
+    }
+    unscored = {"runs": [], "sweep": [{"lr": 1e-3, "val_accuracy": 0.5}]}
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"tasks": {"clutter-4": {"budgets": {"400": {"lora": stopped, "toast": unscored}}}}}))
+    merged = transfer.merge_results([path])["tasks"]["clutter-4"]["budgets"]["400"]
+    assert list(merged) == ["lora"] and [run["seed"] for run in merged["lora"]["runs"]] == [0, 1]
+    assert merged["lora"]["test_accuracy_mean"] == pytest.approx(0.65)
+    assert merged["lora"]["test_accuracy_std"] == pytest.approx(0.0707, abs=1e-4)
