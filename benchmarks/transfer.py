@@ -697,6 +697,7 @@ def summary_table(task: dict) -> str:
                     steps,
                     record["label"],
                     f"**{100 * record['test_accuracy_mean']:.1f} ± {100 * record['test_accuracy_std']:.1f}**"
+                    + ("" if len(record["runs"]) >= 3 else f" ({len(record['runs'])} seeds)")
                     if len(record["runs"]) > 1
                     else f"**{100 * record['test_accuracy_mean']:.1f}** (seed 0 only)",
                     f"{record['best_lr']:g}",
