@@ -49,6 +49,7 @@ from peft import get_peft_model
 from PIL import Image
 
 from peft_toast import ToastConfig
+from peft_toast.cli import script_parser
 
 METHODS = (
     "linear", "lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-fast", "toast-r8", "toast-lite",
@@ -119,7 +120,7 @@ TINY_SIZES = {"train": 48, "val": 16, "test": 16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     common.add_common_arguments(parser)
     parser.add_argument("--tasks", nargs="+", default=["fmnist", "clutter"], choices=["fmnist", "clutter", "tweets"])
     parser.add_argument("--methods", nargs="+", default=["linear", "lora", "toast"], choices=METHODS)

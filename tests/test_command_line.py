@@ -60,6 +60,7 @@ COMMANDS = {
     "benchmarks/initialisation.py": ("main", "--vision-model", "m"),
     "benchmarks/prompt_init.py": ("main", None, None),
     "benchmarks/quality.py": ("parse_args", "--no-docs", None),
+    "benchmarks/transfer.py": ("parse_args", "--source-steps", "5"),
     "benchmarks/scaling.py": ("parse_args", "--no-memory", None),
 }
 
