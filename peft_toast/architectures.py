@@ -273,7 +273,8 @@ def _refuse_encoder_decoder(model: nn.Module, model_type: str) -> None:
         return
     get_decoder = getattr(model, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
-    if not isinstance(decoder, nn.Module) or decoder is model:  # transformers returns the model itself when it has none
+    # transformers' `get_decoder` returns the model itself when it has no decoder.
+    if not isinstance(decoder, nn.Module) or decoder is model:
         return  # an encoder on its own (T5EncoderModel, `model.get_encoder()`)
     raise ValueError(
         f"TOAST does not steer encoder-decoder models ({type(model).__name__}, model type {model_type!r}) yet: it "
