@@ -608,12 +608,9 @@ def merge_results(paths) -> dict:
                 continue
             budgets = results["tasks"][name]["budgets"]
             for steps, methods in task["budgets"].items():
+                new_budget = steps not in budgets  # the probe joins only a budget that has none yet
                 budgets.setdefault(steps, {}).update(
-                    {
-                        method: record
-                        for method, record in methods.items()
-                        if method != "linear" or steps not in budgets
-                    }
+                    {method: record for method, record in methods.items() if method != "linear" or new_budget}
                 )
     return results
 

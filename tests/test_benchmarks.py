@@ -367,6 +367,12 @@ def test_transfer_merge_joins_methods_of_the_same_task_and_budget(tmp_path):
     second.write_text(json.dumps(results({"linear": record(9), "toast-fast": record(4), "toast": record(5)})))
     merged = transfer.merge_results([first, second])["tasks"]["clutter-4"]["budgets"]["200"]
     assert merged == {"linear": record(1), "lora": record(2), "toast": record(5), "toast-fast": record(4)}
+    third = tmp_path / "c.json"  # a budget that only a later file has: its probe comes with it
+    third.write_text(
+        json.dumps({"tasks": {"clutter-4": {"budgets": {"400": {"linear": record(7), "lora": record(8)}}}}})
+    )
+    merged = transfer.merge_results([first, third])["tasks"]["clutter-4"]["budgets"]
+    assert merged["400"] == {"linear": record(7), "lora": record(8)} and merged["200"]["linear"] == record(1)
 
 
 def test_clutter_curves_follow_k_and_keep_only_methods_measured_at_every_k():
