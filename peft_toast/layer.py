@@ -29,6 +29,17 @@ class ToastLayer(nn.Module, BaseTunerLayer):
         # A fused query/key/value projection: the positions of the values in its output (`fused_value_index`); not
         # saved with the adapter (it follows from the model config).
         self.register_buffer("value_index", value_index, persistent=False)
+        # Where the positions are one run (all layouts but per-head and grouped): `(start, length)`, so that `W_v` is a
+        # view of the fused weight rather than a copy gathered on every forward.
+        self._value_span: Optional[tuple[int, int]] = None
+        if (
+            value_index is not None
+            and value_index.numel()
+            and bool(
+                (value_index == torch.arange(int(value_index[0]), int(value_index[0]) + value_index.numel())).all()
+            )
+        ):
+            self._value_span = (int(value_index[0]), value_index.numel())
         self.toast_down = nn.ModuleDict()
         self.toast_readout = nn.ModuleDict()
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
@@ -64,7 +75,11 @@ class ToastLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         # transformers' Conv1D (GPT-2) stores its weight transposed, (d, out).
         weight = base.weight if isinstance(base, nn.Linear) else base.weight.T
-        return weight if self.value_index is None else weight[self.value_index.to(weight.device)]
+        if self.value_index is None:
+            return weight
+        if self._value_span is not None:
+            return weight.narrow(0, *self._value_span)
+        return weight[self.value_index.to(weight.device)]
 
     def value_delta(self, signal: torch.Tensor) -> torch.Tensor:
         """`W_v t` for a top-down signal `t` of shape `(..., d)`; no bias."""
