@@ -82,6 +82,15 @@ class ToastConfig(PeftConfig):
             scale-free: a decoder's pre-norm feature (token norms ~1,000 on SmolLM2, vs ~1-10 at the value inputs) then
             enters at the scale of a ViT's normalised feature. The gates are unchanged (the cosine ignores each token's
             scale).
+        share_lower_blocks (`bool`):
+            `True` (default): pass 2 starts at the lowest steered block. The blocks below it receive no signal, so their
+            pass-2 outputs equal pass 1's; pass 2 takes the hidden state entering the lowest steered block from pass 1
+            instead of recomputing them. With `layers_to_transform` = the top `k` of `L` blocks, a forward costs
+            `1 + k / L` passes instead of 2, and backpropagation runs through `k` blocks. Exact wherever the passes are
+            deterministic (eval, no dropout); in training with dropout, pass 2 reuses pass 1's dropout sample below the
+            steered blocks. Pass 2 still runs every block when the call asks for all attentions or hidden states, and
+            on a decoder call that uses a KV cache (generation). `False`: pass 2 recomputes every block, as the
+            reference does (with its own dropout sample). Steering block 0 (the default) shares nothing.
         variational_loss_weight (`float`):
             Weight of the feedback-reconstruction loss `sum_l MSE(A_l h_l_out, h_l_in)` added to the task loss in
             training, for pre-tuning (0.1 for vision and 0.01 for LLaMA in the reference). `0` (default) for transfer.
@@ -147,6 +156,13 @@ class ToastConfig(PeftConfig):
         default="none",
         metadata={"help": "Scaling of the fed-back pass-1 tokens: 'none' (as the reference) or 'rms' (scale-free)."},
     )
+    share_lower_blocks: bool = field(
+        default=True,
+        metadata={
+            "help": "Pass 2 starts at the lowest steered block, taking the hidden state below it from pass 1 (exact "
+            "in eval); False recomputes every block, as the reference."
+        },
+    )
     variational_loss_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the feedback-reconstruction loss added in training (pre-tuning); 0 = off."},
@@ -208,7 +224,7 @@ class ToastConfig(PeftConfig):
                 "`feedback_rank` and `lite_rank` are mutually exclusive: low-rank feedback factors the maps, "
                 "TOAST-Lite keeps them full-rank and frozen with low-rank deltas. Set only one of them."
             )
-        for name in ("train_down", "train_readout", "train_prompt"):
+        for name in ("train_down", "train_readout", "train_prompt", "share_lower_blocks"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         _check_choice("channel_selection", self.channel_selection, CHANNEL_SELECTION_CHOICES)

@@ -156,6 +156,13 @@ class ToastModel(BaseTuner):
             rank = config.channel_rank if config.channel_selection == "low_rank" else None
             self.toast_channel[adapter_name] = FeedbackMap(dim, init="identity", rank=rank, **factory)
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # `add_adapter` injects without `_post_injection_hook`: the hooks and the list of wrapped layers must include
+        # the value projections this adapter wrapped (an adapter that steers lower blocks than the first one).
+        if self._toast_hook_handles:
+            self._register_toast_hooks()
+
     def _post_injection_hook(self, model: nn.Module, config: ToastConfig, adapter_name: str) -> None:
         self._register_toast_hooks()
         # The same `inference_mode` that `inject_adapter` just applied to the wrapped layers (frozen after
@@ -174,6 +181,7 @@ class ToastModel(BaseTuner):
         handles.append(architecture.blocks[0].register_forward_pre_hook(passes.check_given_feature, with_kwargs=True))
         for index, block in enumerate(architecture.blocks):
             handles.append(block.register_forward_hook(passes.block_recorder(index), with_kwargs=True))
+            passes.install_shared_block_forward(block, index)
         # Looked up once here rather than on every call: all ToastLayers of the model, from the top block down.
         layers = [module for module in self.model.modules() if isinstance(module, ToastLayer)]
         self._toast_wrapped_layers = sorted(layers, key=lambda layer: -layer.block_index)
@@ -184,6 +192,9 @@ class ToastModel(BaseTuner):
         for handle in self._toast_hook_handles:
             handle.remove()
         self._toast_hook_handles.clear()
+        if self._toast_architecture is not None:
+            for block in self._toast_architecture.blocks:
+                passes.remove_shared_block_forward(block)
 
     # ------------------------------------------------------------------------ the two passes (`peft_toast.passes`)
 
@@ -239,9 +250,12 @@ class ToastModel(BaseTuner):
         finally:
             call.close()
 
-    def run_pass1(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Run the frozen model without signals up to the feature and return it, `(B, N, d)`."""
-        return passes.run_pass1(self, module, args, kwargs)
+    def run_pass1(
+        self, module: nn.Module, args: tuple, kwargs: dict, state: Optional[CallState] = None
+    ) -> torch.Tensor:
+        """Run the frozen model without signals up to the feature and return it, `(B, N, d)` (and keep what pass 2 of
+        the call `state` takes from pass 1)."""
+        return passes.run_pass1(self, module, args, kwargs, state=state)
 
     def top_down_signals(self, adapter_name: str, features: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """Token selection, channel selection and the feedback chain for one call: `({ToastLayer: t_l}, gates)`."""

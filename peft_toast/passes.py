@@ -13,6 +13,7 @@ module and the blocks that stop pass 1 at the feature and record what the variat
 
 from __future__ import annotations
 
+import types
 from collections.abc import Generator
 from typing import Any, Optional
 
@@ -55,9 +56,14 @@ def steered_call(tuner, state: CallState, module: nn.Module, args: tuple, kwargs
     check_inputs(tuner.toast_prompt[adapter_name], args, kwargs)
     tuner.wrap_gradient_checkpointing()
 
+    # Blocks below the lowest steered one get no signal: pass 2 takes their output from pass 1 instead of recomputing it.
+    state.shared_blocks = shared_block_count(tuner, config, adapter_name, module, kwargs, given_features is not None)
+    if state.shared_blocks:
+        changed = (args, kwargs)  # `use_cache` may have been set
+
     # 1. Pass 1: the frozen model without signals, up to the feature `(B, N, d)` (or the feature handed over).
     if given_features is None:
-        features = tuner.run_pass1(module, args, pass1_arguments(tuner, kwargs, adapter_name, state))
+        features = tuner.run_pass1(module, args, pass1_arguments(tuner, kwargs, adapter_name, state), state=state)
     else:
         features = state.feature = check_given_features(tuner, module, kwargs, given_features, adapter_name)
     check_feature(features, kwargs.get("attention_mask"))
@@ -92,9 +98,12 @@ def pass1_arguments(tuner, kwargs: dict, adapter_name: str, state: CallState) ->
     return pass1_kwargs
 
 
-def run_pass1(tuner, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    """Run the frozen model without signals up to the feature and return it, `(B, N, d)`."""
-    pass1 = CallState(owner=tuner, pass1=True)
+def run_pass1(tuner, module: nn.Module, args: tuple, kwargs: dict, state: Optional[CallState] = None) -> torch.Tensor:
+    """Run the frozen model without signals up to the feature and return it, `(B, N, d)`. With the `state` of a call
+    whose pass 2 shares its `state.shared_blocks` bottom blocks with pass 1, the output of the last of them is kept in
+    `state.shared_output`."""
+    shared = state.shared_blocks if state is not None else 0
+    pass1 = CallState(owner=tuner, pass1=True, record_block=shared - 1 if shared else None)
     with torch.no_grad(), use_state(pass1):
         try:
             # `forward`, not `__call__`: this call must not trigger our own hooks again.
@@ -106,7 +115,47 @@ def run_pass1(tuner, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tens
             "TOAST's pass 1 finished without reaching the feature module "
             f"({type(tuner.architecture.feature_module).__name__}); check the architecture declaration."
         )
+    if shared:
+        if pass1.shared_output is None:  # the blocks were not reached as declared: recompute them in pass 2
+            state.shared_blocks = 0
+        state.shared_output = pass1.shared_output
     return pass1.feature
+
+
+def lowest_steered_block(tuner, adapter_name: str) -> int:
+    """The index of the lowest block whose values receive a signal from `adapter_name`."""
+    return min(layer.block_index for layer in tuner.toast_layers(adapter_name) if adapter_name in layer.toast_readout)
+
+
+def shared_block_count(tuner, config, adapter_name: str, module: nn.Module, kwargs: dict, features_given: bool) -> int:
+    """How many bottom blocks pass 2 of this call takes from pass 1 rather than recomputing: the blocks below the lowest
+    steered one, whose inputs and outputs in pass 2 equal those of pass 1 (exactly, where the two passes are
+    deterministic; with dropout, pass 2 reuses pass 1's sample there). 0, and pass 2 runs every block as the reference
+    does, when `config.share_lower_blocks` is off, when block 0 is steered, when pass 1 does not run (a cached feature),
+    when the call asks for every block's attentions or hidden states (pass 2 reports them, so every block runs), and on
+    a decoder call that reads or writes a KV cache (each pass keeps its own cache of every block). A decoder call in
+    training mode that leaves `use_cache` unset runs without a cache, as it returns no cache anyone can continue."""
+    if not config.share_lower_blocks or features_given:
+        return 0
+    start = lowest_steered_block(tuner, adapter_name)
+    if start == 0:
+        return 0
+    model_config = getattr(module, "config", None)
+    for name in ("output_attentions", "output_hidden_states"):
+        requested = kwargs.get(name)
+        if requested if requested is not None else getattr(model_config, name, False):
+            return 0
+    if tuner.architecture.causal:
+        if any(kwargs.get(name) is not None for name in CACHE_ARGUMENT_NAMES):
+            return 0
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None and module.training:
+            kwargs["use_cache"] = use_cache = False
+        if use_cache is None:
+            use_cache = getattr(model_config, "use_cache", False)
+        if use_cache:
+            return 0
+    return start
 
 
 def top_down_signals(tuner, adapter_name: str, features: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -332,6 +381,44 @@ def check_given_feature(module: nn.Module, args: tuple, kwargs: dict) -> None:
             f"{tuple(hidden.shape)} (batch, tokens, hidden size): the cached feature does not belong to these inputs. "
             f"Pass the feature precomputed for exactly this batch, in the same order."
         )
+
+
+def shared_block_forward(block: nn.Module, *args, **kwargs):
+    """The forward of every block, bound to it by `ToastModel` (`install_shared_block_forward`): in pass 2 of a call
+    that shares its bottom blocks with pass 1, a shared block returns the output that pass 1 recorded at the last
+    shared block without running (the next shared block ignores its input; the first block above receives exactly its
+    pass-1 input); otherwise the block's own forward runs, and pass 1 records the output the call asked for."""
+    state = current_state()
+    index = block._toast_block_index
+    if state is not None and not state.pass1 and index < state.shared_blocks:
+        return state.shared_output
+    previous = block._toast_previous_forward
+    output = previous(*args, **kwargs) if previous is not None else type(block).forward(block, *args, **kwargs)
+    if state is not None and state.pass1 and state.record_block == index:
+        state.shared_output = output
+    return output
+
+
+def install_shared_block_forward(block: nn.Module, index: int) -> None:
+    """Bind `shared_block_forward` as `block.forward` (a method of the instance, so that `copy.deepcopy` binds the copy
+    to the copied block), keeping a forward that was already set on the instance (e.g. by accelerate's hooks)."""
+    if getattr(block.__dict__.get("forward"), "__func__", None) is shared_block_forward:
+        block._toast_block_index = index
+        return
+    block._toast_previous_forward = block.__dict__.get("forward")
+    block._toast_block_index = index
+    block.forward = types.MethodType(shared_block_forward, block)
+
+
+def remove_shared_block_forward(block: nn.Module) -> None:
+    """Undo `install_shared_block_forward`."""
+    if getattr(block.__dict__.get("forward"), "__func__", None) is not shared_block_forward:
+        return
+    previous = block.__dict__.pop("_toast_previous_forward", None)
+    del block.forward
+    if previous is not None:
+        block.forward = previous
+    block.__dict__.pop("_toast_block_index", None)
 
 
 def block_recorder(index: int):

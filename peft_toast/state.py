@@ -34,6 +34,12 @@ class CallState:
     gates: Optional[torch.Tensor] = None  # (B, N) token-selection gates of this call
     pass1_cache: Any = None
     block_io: Optional[list] = None  # (block index, input, output) of pass 2, when the variational loss needs them
+    # Blocks below the lowest steered one see no signal, so pass 2 takes them from pass 1: in pass 1, `record_block` is
+    # the block whose output to keep (`shared_output`); in pass 2, blocks `0 .. shared_blocks - 1` return
+    # `shared_output` without running (`passes.shared_block_forward`).
+    record_block: Optional[int] = None
+    shared_blocks: int = 0
+    shared_output: Any = None
     call: Any = None  # the running `passes.steered_call` generator, between the model's pre- and post-hook
     token: Optional[Token] = field(default=None, repr=False)
 

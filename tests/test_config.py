@@ -26,6 +26,7 @@ INVALID = {
     "train_down": ["yes", 1, None],
     "train_readout": ["no", 0],
     "train_prompt": [None, "True"],
+    "share_lower_blocks": [None, "yes", 1],
     "channel_selection": ["diag", None, "Identity"],
     "channel_rank": [0, -2, 2.0, None],
     "down_init": ["zero", None],

@@ -1,0 +1,251 @@
+"""Pass 2 starts where steering starts (`ToastConfig.share_lower_blocks`).
+
+With `layers_to_transform` = the top blocks, the blocks below the lowest steered one get no signal, so pass 2 takes the
+hidden state entering the lowest steered block from pass 1 instead of recomputing them. Checked against the full
+recomputation (`share_lower_blocks=False`, itself checked against an independent implementation elsewhere): equal bit
+for bit in eval on every family, with padding, with gradient checkpointing and for the gradients; and the blocks
+below really do not run in pass 2 (each block's first module is counted)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from conftest import LAYERS, MODEL_FACTORIES, VOCAB, make_inputs, make_llama, make_vit, randomize_adapter
+from peft import get_peft_model
+from test_fused import FAMILIES as FUSED_FAMILIES
+
+from peft_toast import ToastConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _make_t5_encoder():
+    config = transformers.T5Config(d_model=32, num_layers=LAYERS, num_heads=4, d_ff=37, d_kv=8, vocab_size=VOCAB)
+    return transformers.T5EncoderModel(config).eval()  # its blocks return tuples that carry the position bias
+
+
+FACTORIES = {**MODEL_FACTORIES, **{f"fused-{name}": make for name, make in FUSED_FAMILIES.items()}}
+FACTORIES["t5-encoder"] = _make_t5_encoder
+
+
+def _inputs(kind: str) -> dict:
+    if kind in ("vit", "dinov2"):
+        return make_inputs(kind)
+    inputs = make_inputs("llama")
+    if kind in ("gpt2", "llama", "mistral") or kind.startswith("fused-"):
+        inputs["attention_mask"] = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # left padding
+        inputs["use_cache"] = False
+    return inputs
+
+
+def _blocks(model) -> list[torch.nn.Module]:
+    return list(model.base_model.architecture.blocks)
+
+
+def _peft(kind: str, share: bool, layers=(-1,), seed: int = 0, **config):
+    torch.manual_seed(seed)
+    base = FACTORIES[kind]()
+    model = get_peft_model(base, ToastConfig(layers_to_transform=list(layers), share_lower_blocks=share, **config))
+    randomize_adapter(model)
+    return model
+
+
+class BlockRuns:
+    """Counts how often each block really computes: the first module of the block that holds weights runs once per
+    real forward of the block (a block that pass 2 takes from pass 1 does not reach it)."""
+
+    def __init__(self, blocks):
+        self.counts = [0] * len(blocks)
+        for index, block in enumerate(blocks):
+            first = next(m for m in block.modules() if next(m.parameters(recurse=False), None) is not None)
+            first.register_forward_pre_hook(lambda *_, i=index: self.counts.__setitem__(i, self.counts[i] + 1))
+
+
+def _output(out) -> torch.Tensor:
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    raise AssertionError(type(out))
+
+
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_equal_to_the_full_recomputation_in_eval_and_skips_the_blocks_below(kind):
+    inputs = _inputs(kind)
+    shared, full = _peft(kind, True).eval(), _peft(kind, False).eval()
+    num_blocks = len(_blocks(shared))
+    runs = BlockRuns(_blocks(shared))
+    with torch.no_grad():
+        got, expected = _output(shared(**inputs)), _output(full(**inputs))
+    assert torch.equal(got, expected)
+    # pass 1 runs every block; pass 2 only the top (steered) one
+    assert runs.counts == [1] * (num_blocks - 1) + [2]
+    with full.disable_adapter(), torch.no_grad():
+        base = _output(full(**inputs))
+    assert not torch.allclose(got, base), "the adapter must change the output for the check to mean anything"
+
+
+@pytest.mark.parametrize("layers", [(2, 3), (1,), (0, 3)])
+def test_gradients_equal_the_full_recomputation(layers):
+    grads = {}
+    for share in (True, False):
+        model = _peft("llama", share, layers)
+        model.train()
+        inputs = _inputs("llama")
+        runs = BlockRuns(_blocks(model))
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        grads[share] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        expected_runs = [1 if share and i < min(layers) else 2 for i in range(LAYERS)]
+        assert runs.counts == expected_runs
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grad, grads[False][name], rtol=1e-5, atol=1e-7, msg=name)
+    down = [name for name in grads[True] if f"layers.{min(layers)}." in name and "toast_readout" in name]
+    assert down, "the lowest steered block's readout receives a gradient"
+
+
+def test_steering_block_0_shares_nothing():
+    model = _peft("vit", True, layers=(0, 3)).eval()
+    runs = BlockRuns(_blocks(model))
+    with torch.no_grad():
+        model(**_inputs("vit"))
+    assert runs.counts == [2] * LAYERS
+
+
+def test_gradient_checkpointing_with_shared_blocks():
+    grads = {}
+    for checkpointing in (False, True):
+        model = _peft("llama", True, layers=(2, 3))
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        inputs = _inputs("llama")
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grad, grads[False][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_dropout_in_training_runs_the_shared_blocks_once():
+    torch.manual_seed(0)
+    base = make_vit(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    model = get_peft_model(base, ToastConfig(layers_to_transform=[3]))
+    randomize_adapter(model)
+    model.train()
+    runs = BlockRuns(_blocks(model))
+    out = model(**_inputs("vit"), labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert runs.counts == [1, 1, 1, 2]
+    assert all(p.grad is not None for n, p in model.named_parameters() if "toast_readout" in n and p.requires_grad)
+
+
+def test_calls_that_report_every_block_recompute_them():
+    shared, full = _peft("bert", True, layers=(3,)).eval(), _peft("bert", False, layers=(3,)).eval()
+    inputs = _inputs("bert")
+    runs = BlockRuns(_blocks(shared))
+    with torch.no_grad():
+        got = shared(**inputs, output_hidden_states=True)
+        expected = full(**inputs, output_hidden_states=True)
+    assert runs.counts == [2] * LAYERS
+    for a, b in zip(got.hidden_states, expected.hidden_states):
+        assert torch.equal(a, b)
+
+
+def test_decoder_kv_cache_calls_recompute_and_generation_stays_exact():
+    model = _peft("llama", True, layers=(2, 3)).eval()
+    inputs = make_inputs("llama")
+    runs = BlockRuns(_blocks(model))
+    with torch.no_grad():
+        model(**inputs)  # eval: the model makes a KV cache, which pass 2 must fill for every block
+    assert runs.counts == [2] * LAYERS
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=1)
+    cached = model.generate(**inputs, **kwargs)
+    uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_training_decoder_call_without_use_cache_returns_no_cache():
+    model = _peft("llama", True, layers=(3,)).train()
+    inputs = _inputs("llama")
+    inputs.pop("use_cache")
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert out.past_key_values is None  # a cache with the shared blocks missing would be wrong; none is made
+
+
+def test_adapters_with_different_lowest_blocks():
+    model = get_peft_model(make_vit(), ToastConfig(layers_to_transform=[3]), adapter_name="top")
+    model.add_adapter("middle", ToastConfig(layers_to_transform=[1, 2]))
+    randomize_adapter(model)
+    model.eval()
+    inputs = _inputs("vit")
+    outputs = {}
+    for name, expected_runs in (("top", [1, 1, 1, 2]), ("middle", [1, 2, 2, 2])):
+        model.set_adapter(name)
+        runs = BlockRuns(_blocks(model))
+        with torch.no_grad():
+            outputs[name] = model(**inputs).logits
+        assert runs.counts == expected_runs
+        model.peft_config[name].share_lower_blocks = False  # the same adapter, every block recomputed
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits, outputs[name], rtol=0, atol=0)
+    assert not torch.allclose(outputs["top"], outputs["middle"])
+
+
+def test_an_added_adapter_steers_blocks_below_the_first_adapters(tmp_path):
+    """`add_adapter` with lower `layers_to_transform` than the first adapter wraps new value projections; the adapter
+    must steer them (it once did not: the list of wrapped layers was made only when the first adapter was created)."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = make_vit()
+    model = get_peft_model(copy.deepcopy(base), ToastConfig(layers_to_transform=[3]), adapter_name="top")
+    model.add_adapter("middle", ToastConfig(layers_to_transform=[1, 2]))
+    randomize_adapter(model)
+    model.set_adapter("middle")
+    model.save_pretrained(tmp_path, selected_adapters=["middle"])
+    alone = PeftModel.from_pretrained(base, tmp_path / "middle").eval()
+    inputs = _inputs("vit")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**inputs).logits, alone(**inputs).logits, rtol=0, atol=0)
+        with alone.disable_adapter():
+            unsteered = alone(**inputs).logits
+    assert not torch.allclose(alone(**inputs).logits, unsteered)
+
+
+def test_unload_and_deepcopy_keep_the_blocks_forward_right():
+    model = _peft("vit", True, layers=(3,)).eval()
+    inputs = _inputs("vit")
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        torch.testing.assert_close(copied(**inputs).logits, expected, rtol=0, atol=0)
+        for block in _blocks(copied)[:3]:  # the copy's shared blocks compute with the copy's own weights
+            for param in block.parameters():
+                param.mul_(0.5)
+        assert not torch.allclose(copied(**inputs).logits, expected)
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+    blocks = _blocks(model)
+    base = model.unload()
+    assert all("forward" not in block.__dict__ and "_toast_block_index" not in block.__dict__ for block in blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inputs).logits, make_vit_like(base)(**inputs).logits)
+
+
+def make_vit_like(model):
+    """A fresh model with `model`'s weights (no TOAST ever attached)."""
+    fresh = make_vit()
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()
+
+
+def test_share_lower_blocks_is_saved_and_loaded(tmp_path):
+    model = _peft("llama", False, layers=(3,))
+    model.save_pretrained(tmp_path)
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
+    assert loaded.peft_config["default"].share_lower_blocks is False
