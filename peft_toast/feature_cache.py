@@ -42,7 +42,8 @@ from torch import nn
 from transformers import default_data_collator
 
 from .model import ToastModel
-from .passes import FEATURES_ARGUMENT
+from .passes import FEATURES_ARGUMENT, HIDDEN_ARGUMENT, HIDDEN_BLOCK_ARGUMENT, lowest_steered_block
+from .state import CallState
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -60,6 +61,10 @@ FEATURES_COLUMN = FEATURES_ARGUMENT  # the column is handed to the model under i
 KEY_COLUMN = "toast_feature_key"
 INPUT_HASH_COLUMN = "toast_input_hash"
 CACHE_COLUMNS = (FEATURES_COLUMN, KEY_COLUMN, INPUT_HASH_COLUMN)
+# Optional: the pass-1 hidden state entering the lowest steered block, and that block's index (see `precompute_features`).
+HIDDEN_COLUMN = HIDDEN_ARGUMENT
+HIDDEN_BLOCK_COLUMN = HIDDEN_BLOCK_ARGUMENT
+HIDDEN_COLUMNS = (HIDDEN_COLUMN, HIDDEN_BLOCK_COLUMN)
 LABEL_COLUMNS = ("label", "label_ids", "labels")
 # Bump when what a cache row means changes, so that older caches are refused.
 _FORMAT = "peft_toast.feature_cache/1"
@@ -187,6 +192,7 @@ def precompute_features(
     dtype: str = "float32",
     cache_dir: Optional[Union[str, os.PathLike]] = None,
     data_collator: Optional[Callable[[list[dict]], dict]] = None,
+    store_hidden: Optional[bool] = None,
     verbose: bool = True,
 ) -> Dataset:
     """
@@ -223,6 +229,11 @@ def precompute_features(
         data_collator (`Callable`, *optional*):
             How rows become model inputs; `transformers.default_data_collator` by default. Use the same one in
             [`ToastFeatureCollator`].
+        store_hidden (`bool`, *optional*):
+            Also store the pass-1 hidden state entering the adapter's lowest steered block (`toast_hidden`, `(N, d)`,
+            and `toast_hidden_block`), so that a cached training step starts pass 2 there and runs only the steered
+            blocks (`ToastConfig.share_lower_blocks`). `None` (default): store it when the active adapter steers only
+            upper blocks and shares the others. It doubles the size of the cache.
         verbose (`bool`, *optional*, defaults to `True`):
             Print the size estimate (the progress bar is `datasets`').
     """
@@ -239,7 +250,9 @@ def precompute_features(
         raise ValueError("The dataset is empty; there is nothing to precompute.")
     tuner = _toast_tuner(model)
     hf_model = tuner.model
-    dataset = dataset.remove_columns([name for name in CACHE_COLUMNS if name in dataset.column_names])
+    dataset = dataset.remove_columns(
+        [name for name in (*CACHE_COLUMNS, *HIDDEN_COLUMNS) if name in dataset.column_names]
+    )
     input_columns = list(input_columns) if input_columns is not None else _default_input_columns(hf_model, dataset)
     missing = [name for name in input_columns if name not in dataset.column_names]
     if missing or not input_columns:
@@ -253,6 +266,7 @@ def precompute_features(
     torch_dtype, arrow_dtype = _STORAGE[dtype]
     extra_kwargs = {"use_cache": False} if tuner.architecture.causal else {}
     device = next(hf_model.parameters()).device
+    hidden_block = _hidden_block(tuner, store_hidden)
 
     feature_shapes = []  # (N, d) of the first example: every example must have it, as the Arrow column is fixed-shape
 
@@ -266,14 +280,21 @@ def precompute_features(
         model_inputs = {
             name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()
         }
-        features = tuner.run_pass1(hf_model, (), {**model_inputs, **extra_kwargs})  # (B, N, d)
+        shared = CallState(owner=tuner, shared_blocks=hidden_block or 0)
+        features = tuner.run_pass1(hf_model, (), {**model_inputs, **extra_kwargs}, state=shared)  # (B, N, d)
         feature_shapes.append(tuple(features.shape[1:]))
         if feature_shapes[-1] != feature_shapes[0]:
             raise ValueError(f"{_FIXED_SHAPE} Features of shape {feature_shapes[0]} and {feature_shapes[-1]} occur.")
-        stored = features.to(torch_dtype).cpu()
-        if dtype == "bfloat16":
-            stored = stored.view(torch.int16)
-        return {FEATURES_COLUMN: stored.numpy(), KEY_COLUMN: [key] * num_rows, INPUT_HASH_COLUMN: hashes}
+        row = {
+            FEATURES_COLUMN: _stored(features, torch_dtype),
+            KEY_COLUMN: [key] * num_rows,
+            INPUT_HASH_COLUMN: hashes,
+        }
+        if hidden_block:
+            hidden = shared.shared_output[0] if isinstance(shared.shared_output, tuple) else shared.shared_output
+            row[HIDDEN_COLUMN] = _stored(hidden, torch_dtype)
+            row[HIDDEN_BLOCK_COLUMN] = [hidden_block] * num_rows
+        return row
 
     if cache_dir is None:
         if dataset.cache_files:
@@ -281,7 +302,7 @@ def precompute_features(
         else:
             cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "peft_toast_features")
     os.makedirs(cache_dir, exist_ok=True)
-    file_key = hashlib.blake2b(f"{key}|{dataset._fingerprint}".encode(), digest_size=16).hexdigest()
+    file_key = hashlib.blake2b(f"{key}|{dataset._fingerprint}|{hidden_block}".encode(), digest_size=16).hexdigest()
     cache_file = os.path.join(cache_dir, f"toast-features-{file_key}.arrow")
 
     modes = {module: module.training for module in hf_model.modules()}
@@ -291,14 +312,15 @@ def precompute_features(
         probe = compute(formatted[:1])[FEATURES_COLUMN]  # (1, N, d)
         num_tokens, dim = probe.shape[1:]
         if not os.path.exists(cache_file):
-            size = len(dataset) * num_tokens * dim * torch_dtype.itemsize
+            size = len(dataset) * num_tokens * dim * torch_dtype.itemsize * (2 if hidden_block else 1)
             # The Arrow file also holds the dataset's own columns (the inputs), as every `Dataset.map` result does.
             own_columns = dataset.data.nbytes * len(dataset) / max(dataset.data.num_rows, 1)
             free = shutil.disk_usage(cache_dir).free
             if verbose:
                 print(
                     f"TOAST feature cache: {len(dataset):,} examples x {num_tokens} tokens x {dim} channels x "
-                    f"{torch_dtype.itemsize} B ({dtype}) = {_human(size)} of features, plus {_human(own_columns)} for "
+                    f"{torch_dtype.itemsize} B ({dtype}){' x 2 (with the hidden state)' if hidden_block else ''} = "
+                    f"{_human(size)} of features, plus {_human(own_columns)} for "
                     f"the dataset's own columns, in {cache_file} ({_human(free)} free)"
                 )
             if size + own_columns > free:
@@ -313,6 +335,14 @@ def precompute_features(
                 FEATURES_COLUMN: datasets.Array2D((num_tokens, dim), arrow_dtype),
                 KEY_COLUMN: datasets.Value("string"),
                 INPUT_HASH_COLUMN: datasets.Value("string"),
+                **(
+                    {
+                        HIDDEN_COLUMN: datasets.Array2D((num_tokens, dim), arrow_dtype),
+                        HIDDEN_BLOCK_COLUMN: datasets.Value("int32"),
+                    }
+                    if hidden_block
+                    else {}
+                ),
             }
         )
         cached = formatted.map(
@@ -329,7 +359,10 @@ def precompute_features(
         for module, training in modes.items():
             module.training = training
     labels = [name for name in LABEL_COLUMNS if name in cached.column_names]
-    return cached.with_format("torch", columns=[*input_columns, *labels, *CACHE_COLUMNS], output_all_columns=True)
+    hidden_columns = list(HIDDEN_COLUMNS) if hidden_block else []
+    return cached.with_format(
+        "torch", columns=[*input_columns, *labels, *CACHE_COLUMNS, *hidden_columns], output_all_columns=True
+    )
 
 
 # --------------------------------------------------------------------------------------------------------- training
@@ -385,9 +418,7 @@ class ToastFeatureCollator:
                 "`precompute_features(model, dataset)` for this model."
             )
         input_columns = columns.split(",")
-        features = torch.stack([torch.as_tensor(row[FEATURES_COLUMN]) for row in rows])  # (B, N, d)
-        torch_dtype, _ = _STORAGE[dtype]
-        features = features.to(torch.int16).view(torch_dtype) if dtype == "bfloat16" else features.to(torch_dtype)
+        features = _loaded([row[FEATURES_COLUMN] for row in rows], dtype)  # (B, N, d)
         inputs = [
             {name: value for name, value in row.items() if name in self.model_arguments and name not in CACHE_COLUMNS}
             for row in rows
@@ -403,10 +434,48 @@ class ToastFeatureCollator:
                     f"when using random augmentation."
                 )
         batch[FEATURES_ARGUMENT] = features
+        if HIDDEN_COLUMN in rows[0]:
+            blocks = {int(row[HIDDEN_BLOCK_COLUMN]) for row in rows}
+            if len(blocks) != 1:
+                raise ValueError("This batch mixes rows cached for different steered blocks; precompute them at once.")
+            batch[HIDDEN_ARGUMENT] = _loaded([row[HIDDEN_COLUMN] for row in rows], dtype)  # (B, N, d)
+            batch[HIDDEN_BLOCK_ARGUMENT] = blocks.pop()
         return batch
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def _hidden_block(tuner: ToastModel, store_hidden: Optional[bool]) -> Optional[int]:
+    """The block whose pass-1 input the cache stores (the active adapter's lowest steered block), or None."""
+    adapter_name = tuner.active_toast_adapter()
+    if store_hidden is False or adapter_name is None:
+        if store_hidden:
+            raise ValueError("`store_hidden=True` needs an active TOAST adapter (not inside `disable_adapter()`).")
+        return None
+    block = lowest_steered_block(tuner, adapter_name)
+    if block == 0 or not tuner.peft_config[adapter_name].share_lower_blocks:
+        if store_hidden:
+            raise ValueError(
+                "`store_hidden=True`, but the active adapter steers block 0 (or has `share_lower_blocks=False`), so "
+                "pass 2 starts at the bottom and there is no hidden state to store. Steer only upper blocks "
+                "(`layers_to_transform`) or leave `store_hidden` unset."
+            )
+        return None
+    return block
+
+
+def _stored(tensor: torch.Tensor, torch_dtype: torch.dtype):
+    """A `(B, N, d)` tensor as the numpy array an Arrow column of the storage dtype holds."""
+    stored = tensor.to(torch_dtype).cpu()
+    return (stored.view(torch.int16) if torch_dtype == torch.bfloat16 else stored).numpy()
+
+
+def _loaded(values: list, dtype: str) -> torch.Tensor:
+    """Stack the stored rows of one column back into a tensor of the storage dtype."""
+    stacked = torch.stack([torch.as_tensor(value) for value in values])
+    torch_dtype, _ = _STORAGE[dtype]
+    return stacked.to(torch.int16).view(torch_dtype) if dtype == "bfloat16" else stacked.to(torch_dtype)
 
 
 def _toast_tuner(model: nn.Module) -> ToastModel:

@@ -14,6 +14,7 @@ module and the blocks that stop pass 1 at the feature and record what the variat
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Generator
 from typing import Any, Optional
 
@@ -33,6 +34,10 @@ _TOKEN_INPUT_NAMES = ("input_ids", "inputs_embeds")
 # Keyword argument of a TOAST forward call that hands over a precomputed pass-1 feature, `(B, N, d)`, so that pass 1 is
 # skipped (`peft_toast.feature_cache`). It is removed before the wrapped model's forward sees it.
 FEATURES_ARGUMENT = "toast_features"
+# With it, the pass-1 hidden state `(B, N, d)` entering block `toast_hidden_block` (also precomputed), so that pass 2
+# starts there (`ToastConfig.share_lower_blocks`): a cached training step then runs only the blocks from there up.
+HIDDEN_ARGUMENT = "toast_hidden"
+HIDDEN_BLOCK_ARGUMENT = "toast_hidden_block"
 
 
 def steered_call(tuner, state: CallState, module: nn.Module, args: tuple, kwargs: dict) -> Generator:
@@ -45,7 +50,8 @@ def steered_call(tuner, state: CallState, module: nn.Module, args: tuple, kwargs
     """
     # Popped in place: the wrapped model never sees it, adapters enabled or not.
     given_features = kwargs.pop(FEATURES_ARGUMENT, None)
-    changed = None if given_features is None else (args, kwargs)
+    given_hidden = kwargs.pop(HIDDEN_ARGUMENT, None), kwargs.pop(HIDDEN_BLOCK_ARGUMENT, None)
+    changed = None if given_features is None and given_hidden[0] is None else (args, kwargs)
     adapter_name = tuner.active_toast_adapter()
     if adapter_name is None:  # adapters disabled (or none left): the base model, unsteered
         if tuner.architecture.causal:
@@ -57,15 +63,20 @@ def steered_call(tuner, state: CallState, module: nn.Module, args: tuple, kwargs
     tuner.wrap_gradient_checkpointing()
 
     # Blocks below the lowest steered one get no signal: pass 2 takes their output from pass 1 instead of recomputing it.
-    state.shared_blocks = shared_block_count(tuner, config, adapter_name, module, kwargs, given_features is not None)
-    if state.shared_blocks:
+    shared = shared_block_count(tuner, config, adapter_name, module, kwargs)
+    if shared:
         changed = (args, kwargs)  # `use_cache` may have been set
 
     # 1. Pass 1: the frozen model without signals, up to the feature `(B, N, d)` (or the feature handed over).
     if given_features is None:
+        if given_hidden[0] is not None:
+            raise ValueError(f"`{HIDDEN_ARGUMENT}` needs `{FEATURES_ARGUMENT}` (both come from the feature cache).")
+        state.shared_blocks = shared
         features = tuner.run_pass1(module, args, pass1_arguments(tuner, kwargs, adapter_name, state), state=state)
     else:
         features = state.feature = check_given_features(tuner, module, kwargs, given_features, adapter_name)
+        if given_hidden[0] is not None:
+            use_given_hidden(tuner, state, features, *given_hidden, shared)
     check_feature(features, kwargs.get("attention_mask"))
 
     # 2-3. Token and channel selection, then the feedback path: one signal `t_l` per steered block.
@@ -122,20 +133,78 @@ def run_pass1(tuner, module: nn.Module, args: tuple, kwargs: dict, state: Option
     return pass1.feature
 
 
+def use_given_hidden(tuner, state: CallState, features: torch.Tensor, hidden, block, shared: int) -> None:
+    """Start pass 2 at block `block` from a precomputed pass-1 hidden state `hidden` `(B, N, d)` entering it (from the
+    feature cache), when this call may share that many blocks (`shared >= block`) and the output of the block below
+    is known to be a plain hidden state (it was seen once in this process); otherwise pass 2 runs every block (exact,
+    only slower)."""
+    if isinstance(block, torch.Tensor):
+        values = block.unique()
+        if values.numel() != 1:
+            raise ValueError(f"`{HIDDEN_BLOCK_ARGUMENT}` must be one block index for the whole batch, got {values}.")
+        block = int(values)
+    if (
+        not isinstance(hidden, torch.Tensor)
+        or tuple(hidden.shape) != tuple(features.shape)
+        or not isinstance(block, int)
+    ):
+        shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(
+            f"`{HIDDEN_ARGUMENT}` must be the pass-1 hidden state of shape {tuple(features.shape)} (like "
+            f"`{FEATURES_ARGUMENT}`) entering block `{HIDDEN_BLOCK_ARGUMENT}` (an int), got {shape} and {block!r}. "
+            f"Compute both with `peft_toast.feature_cache.precompute_features`."
+        )
+    num_blocks = len(tuner.architecture.blocks)
+    if not 0 < block < num_blocks:
+        raise ValueError(f"`{HIDDEN_BLOCK_ARGUMENT}` must be a block index in 1..{num_blocks - 1}, got {block}.")
+    if block > shared:
+        warnings.warn(
+            f"The cached hidden state enters block {block}, but this call must run pass 2 from block {shared} (the "
+            f"adapter steers lower blocks than when the cache was made, or the call needs every block): pass 2 runs "
+            f"every block, which is exact but does not save the shared blocks. Recompute the cache with "
+            f"`precompute_features` for this adapter.",
+            stacklevel=4,
+        )
+        return
+    output = output_like(tuner.architecture.blocks[block - 1], hidden)
+    if output is not None:
+        state.shared_blocks, state.shared_output = block, output
+
+
+def output_kind(output: Any) -> Any:
+    """How a block returns its hidden state: `"tensor"`, `("tuple", length)` when everything after it is None, or None
+    (the block returns more state, e.g. T5's position bias, that a hidden state alone cannot stand for)."""
+    if isinstance(output, torch.Tensor):
+        return "tensor"
+    if isinstance(output, tuple) and output and all(item is None for item in output[1:]):
+        return ("tuple", len(output))
+    return None
+
+
+def output_like(block: nn.Module, hidden: torch.Tensor) -> Any:
+    """The output `block` would return for the hidden state `hidden`, as far as the next block reads it; None when its
+    kind is unknown (the block has not run in this process) or cannot be built from a hidden state."""
+    kind = getattr(block, "_toast_output_kind", None)
+    if kind == "tensor":
+        return hidden
+    if isinstance(kind, tuple):
+        return (hidden,) + (None,) * (kind[1] - 1)
+    return None
+
+
 def lowest_steered_block(tuner, adapter_name: str) -> int:
     """The index of the lowest block whose values receive a signal from `adapter_name`."""
     return min(layer.block_index for layer in tuner.toast_layers(adapter_name) if adapter_name in layer.toast_readout)
 
 
-def shared_block_count(tuner, config, adapter_name: str, module: nn.Module, kwargs: dict, features_given: bool) -> int:
+def shared_block_count(tuner, config, adapter_name: str, module: nn.Module, kwargs: dict) -> int:
     """How many bottom blocks pass 2 of this call takes from pass 1 rather than recomputing: the blocks below the lowest
     steered one, whose inputs and outputs in pass 2 equal those of pass 1 (exactly, where the two passes are
     deterministic; with dropout, pass 2 reuses pass 1's sample there). 0, and pass 2 runs every block as the reference
-    does, when `config.share_lower_blocks` is off, when block 0 is steered, when pass 1 does not run (a cached feature),
-    when the call asks for every block's attentions or hidden states (pass 2 reports them, so every block runs), and on
+    does, when `config.share_lower_blocks` is off, when block 0 is steered, when the call asks for every block's attentions or hidden states (pass 2 reports them, so every block runs), and on
     a decoder call that reads or writes a KV cache (each pass keeps its own cache of every block). A decoder call in
     training mode that leaves `use_cache` unset runs without a cache, as it returns no cache anyone can continue."""
-    if not config.share_lower_blocks or features_given:
+    if not config.share_lower_blocks:
         return 0
     start = lowest_steered_block(tuner, adapter_name)
     if start == 0:
@@ -394,6 +463,8 @@ def shared_block_forward(block: nn.Module, *args, **kwargs):
         return state.shared_output
     previous = block._toast_previous_forward
     output = previous(*args, **kwargs) if previous is not None else type(block).forward(block, *args, **kwargs)
+    if "_toast_output_kind" not in block.__dict__:
+        block._toast_output_kind = output_kind(output)
     if state is not None and state.pass1 and state.record_block == index:
         state.shared_output = output
     return output
@@ -419,6 +490,7 @@ def remove_shared_block_forward(block: nn.Module) -> None:
     if previous is not None:
         block.forward = previous
     block.__dict__.pop("_toast_block_index", None)
+    block.__dict__.pop("_toast_output_kind", None)
 
 
 def block_recorder(index: int):

@@ -249,3 +249,123 @@ def test_share_lower_blocks_is_saved_and_loaded(tmp_path):
 
     loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
     assert loaded.peft_config["default"].share_lower_blocks is False
+
+
+# ------------------------------------------------------------------------------- the feature cache stores the hidden
+
+
+def _cached_setup(kind: str, tmp_path, layers=(2, 3)):
+    from test_feature_cache import image_dataset, text_dataset
+
+    from peft_toast.feature_cache import precompute_features
+
+    torch.manual_seed(0)
+    if kind == "vit":
+        base, dataset = make_vit(), image_dataset()
+    else:
+        base, dataset = make_llama(), text_dataset(labels="lm")
+    model = get_peft_model(base, ToastConfig(layers_to_transform=list(layers)))
+    randomize_adapter(model)
+    cached = precompute_features(model, dataset, cache_dir=tmp_path, verbose=False)
+    return model, cached
+
+
+@pytest.mark.parametrize("kind", ["vit", "llama"])
+def test_cached_step_runs_only_the_steered_blocks_and_equals_the_uncached_step(kind, tmp_path):
+    from test_feature_cache import batches, loss_and_grads
+
+    from peft_toast.feature_cache import HIDDEN_BLOCK_COLUMN, HIDDEN_COLUMN
+
+    model, cached = _cached_setup(kind, tmp_path)
+    assert HIDDEN_COLUMN in cached.column_names and int(cached[0][HIDDEN_BLOCK_COLUMN]) == 2
+    model.train()
+    batch = batches(model, cached)[0]
+    if kind == "llama":
+        batch["use_cache"] = False
+    runs = BlockRuns(_blocks(model))
+    out_cached, grads_cached = loss_and_grads(model, batch)
+    assert runs.counts == [0, 0, 1, 1], "a cached step runs only the steered blocks (pass 2)"
+    plain = {k: v for k, v in batch.items() if not k.startswith("toast_")}
+    out_plain, grads_plain = loss_and_grads(model, plain)
+    torch.testing.assert_close(out_cached.loss, out_plain.loss, rtol=0, atol=0)
+    assert grads_cached.keys() == grads_plain.keys()
+    for name, grad in grads_cached.items():
+        torch.testing.assert_close(grad, grads_plain[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_cached_hidden_in_a_new_process_first_runs_every_block_then_starts_at_the_steered_block(tmp_path):
+    from test_feature_cache import batches
+
+    model, cached = _cached_setup("vit", tmp_path, layers=(3,))
+    batch = batches(model, cached)[0]
+    for block in _blocks(model):  # as in a new process: how a block returns its hidden state is not known yet
+        block.__dict__.pop("_toast_output_kind", None)
+    model.eval()
+    runs = BlockRuns(_blocks(model))
+    with torch.no_grad():
+        first = model(**batch).logits
+        assert runs.counts == [1, 1, 1, 1]
+        second = model(**batch).logits
+        assert runs.counts == [1, 1, 1, 2]
+        plain = model(**{k: v for k, v in batch.items() if not k.startswith("toast_")}).logits
+    assert torch.equal(first, second) and torch.equal(first, plain)
+
+
+def test_a_cache_made_for_higher_blocks_warns_and_recomputes(tmp_path):
+    from test_feature_cache import batches
+
+    model, cached = _cached_setup("vit", tmp_path, layers=(3,))
+    batch = batches(model, cached)[0]
+    model.add_adapter("lower", ToastConfig(layers_to_transform=[1, 3]))
+    model.set_adapter("lower")
+    model.eval()
+    runs = BlockRuns(_blocks(model))
+    with pytest.warns(UserWarning, match="enters block 3"), torch.no_grad():
+        got = model(**batch).logits
+    assert runs.counts == [1, 1, 1, 1]  # pass 1 did not run (cached): pass 2 runs every block
+    with torch.no_grad():
+        expected = model(**{k: v for k, v in batch.items() if not k.startswith("toast_")}).logits
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "hidden, block, match",
+    [
+        (torch.zeros(4, 5, 32), 3, "must be the pass-1 hidden state"),
+        (None, 0, "block index in 1..3"),
+        (None, 4, "block index in 1..3"),
+    ],
+)
+def test_bad_cached_hidden_is_refused(tmp_path, hidden, block, match):
+    from test_feature_cache import batches
+
+    model, cached = _cached_setup("vit", tmp_path, layers=(3,))
+    batch = batches(model, cached)[0]
+    batch["toast_hidden"] = hidden if hidden is not None else batch["toast_hidden"]
+    batch["toast_hidden_block"] = block
+    with pytest.raises(ValueError, match=match), torch.no_grad():
+        model.eval()(**batch)
+
+
+def test_hidden_without_features_is_refused():
+    model = _peft("vit", True, layers=(3,)).eval()
+    with pytest.raises(ValueError, match="needs `toast_features`"):
+        model(**_inputs("vit"), toast_hidden=torch.zeros(2, 17, 32), toast_hidden_block=3)
+
+
+def test_store_hidden_true_without_shared_blocks_is_refused(tmp_path):
+    from test_feature_cache import image_dataset
+
+    from peft_toast.feature_cache import precompute_features
+
+    model = get_peft_model(make_vit(), ToastConfig())
+    with pytest.raises(ValueError, match="steers block 0"):
+        precompute_features(model, image_dataset(), cache_dir=tmp_path, store_hidden=True, verbose=False)
+    cached = precompute_features(
+        get_peft_model(make_vit(), ToastConfig(layers_to_transform=[3])),
+        image_dataset(),
+        cache_dir=tmp_path,
+        store_hidden=False,
+        verbose=False,
+    )
+    assert "toast_hidden" not in cached.column_names
