@@ -53,7 +53,7 @@ from peft_toast.cli import script_parser
 
 METHODS = (
     "linear", "lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-fast", "toast-r8", "toast-lite",
-    "toast-contrast", "toast-oracle",
+    "toast-contrast", "toast-oracle", "toast-top3", "toast-top6",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -67,6 +67,8 @@ LABELS = {
     "toast-lite": "TOAST-Lite, lite_rank=8",
     "toast-contrast": "TOAST, contrast prompt",
     "toast-oracle": "TOAST, prompt from the target boxes (diagnostic)",
+    "toast-top3": "TOAST, top 3 blocks steered",
+    "toast-top6": "TOAST, top 6 blocks steered",
 }
 TOAST_CONFIGS = {
     "toast": {},
@@ -77,6 +79,9 @@ TOAST_CONFIGS = {
     "toast-lite": {"lite_rank": 8},
     "toast-contrast": {},
     "toast-oracle": {},
+    # Only the top blocks steered (pass 2 starts there: `share_lower_blocks`); negative indices fit any depth.
+    "toast-top3": {"layers_to_transform": [-3, -2, -1]},
+    "toast-top6": {"layers_to_transform": [-6, -5, -4, -3, -2, -1]},
     "toast-pretune": {"variational_loss_weight": 0.1},  # the source stage of "toast-src"
 }
 # Prompt norms set after initialising the prompt from training images: Adam turns a prompt by about lr / |p| radians
@@ -104,6 +109,7 @@ LEARNING_RATES = {
 }
 LEARNING_RATES["lora-src"] = LEARNING_RATES["lora"]
 LEARNING_RATES["toast-src"] = LEARNING_RATES["toast"]
+LEARNING_RATES["toast-top3"] = LEARNING_RATES["toast-top6"] = LEARNING_RATES["toast"]
 
 
 def learning_rates(method: str, task: common.Task) -> tuple[float, ...]:
@@ -357,7 +363,11 @@ def new_model(task: common.Task, method: str, seed: int, head: Optional[dict], s
     if head is not None:
         common.model_head(model).load_state_dict(head)
     if method in TOAST_CONFIGS:
-        model = get_peft_model(model, ToastConfig(**TOAST_CONFIGS[method]))
+        config = dict(TOAST_CONFIGS[method])
+        if "layers_to_transform" in config:  # the tiny models have fewer blocks than "top 6"
+            depth = model.config.num_hidden_layers
+            config["layers_to_transform"] = [index for index in config["layers_to_transform"] if index >= -depth]
+        model = get_peft_model(model, ToastConfig(**config))
     elif method in ("lora", "lora-src"):
         model = common.apply_method(model, "lora")  # r=8, alpha=16 on q and v, the head trained and saved
     else:

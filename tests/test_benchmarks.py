@@ -27,6 +27,7 @@ import cost  # noqa: E402
 import prompt_init  # noqa: E402
 import quality  # noqa: E402
 import scaling  # noqa: E402
+import top_blocks  # noqa: E402
 import transfer  # noqa: E402
 
 # The tiny models of `common`: hidden size 32, 2 blocks, LoRA/TOAST rank 8.
@@ -181,6 +182,23 @@ def test_cost_tiny_quick_reports_times_and_ratios(tmp_path):
         generate["shape"]["new_tokens"] / generate["median_seconds"]["base"]
     )
     assert "train_memory_vs_lora" not in results["families"]["text"]["ratios"]
+
+
+def test_top_blocks_tiny_reports_every_k_with_cached_and_uncached_steps(tmp_path):
+    output = tmp_path / "top_blocks.json"
+    top_blocks.main(["--tiny", "--output", str(output), "--threads", "1", "--repeats", "1"])
+    results = json.loads(output.read_text())
+    for family in ("vision", "text"):
+        entry = results["families"][family]
+        assert entry["ks"] == [1, 2] and entry["num_blocks"] == 2
+        train = entry["kinds"]["train"]["median_seconds"]
+        assert set(train) == {"lora", "toast-top1", "toast-top1-cached", "toast-top2"}
+        assert set(entry["kinds"]["forward"]["median_seconds"]) == {"base", "toast-top1", "toast-top2"}
+        ratios = entry["ratios"]["top1"]
+        assert ratios["cached_train_vs_lora"] == pytest.approx(train["toast-top1-cached"] / train["lora"])
+        assert entry["ratios"]["top2"]["cached_train_vs_lora"] is None  # every block steered: nothing to cache
+        assert entry["trainable_parameters"]["toast-top2"] > entry["trainable_parameters"]["toast-top1"]
+    assert "| 1 / 2 |" in top_blocks.table(results)
 
 
 def test_scaling_tiny_quick_measures_every_point(tmp_path):

@@ -369,3 +369,11 @@ def test_store_hidden_true_without_shared_blocks_is_refused(tmp_path):
         verbose=False,
     )
     assert "toast_hidden" not in cached.column_names
+
+
+def test_bfloat16_equal_to_the_full_recomputation():
+    shared, full = (_peft("llama", share, layers=(2, 3)).to(torch.bfloat16).eval() for share in (True, False))
+    inputs = _inputs("llama")
+    with torch.no_grad():
+        got, expected = shared(**inputs).logits, full(**inputs).logits
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
