@@ -24,6 +24,9 @@ import os
 import time
 from pathlib import Path
 
+import _data  # these import common first, which must come before torch (see below)
+import _results
+import _timing
 import common  # noqa: F401  (first: sets the OpenMP wait policy before torch starts its threads)
 import initialisation
 import torch
@@ -45,7 +48,7 @@ SIZES = {
 DOCS = initialisation.DOCS
 
 
-def run_task(task: common.Task, repeats: int) -> dict:
+def run_task(task: _data.Task, repeats: int) -> dict:
     calibration = initialisation.unlabelled_batches(task.splits["val"])
     held_out_batches = initialisation.unlabelled_batches(task.splits["test"], initialisation.HELD_OUT)
     model = get_peft_model(task.new_model(), ToastConfig())
@@ -69,7 +72,7 @@ def run_task(task: common.Task, repeats: int) -> dict:
             )
     summary = {
         name: {
-            key: common.median([run[key] for run in records])
+            key: _timing.median([run[key] for run in records])
             for key in ("pass_seconds", "solve_seconds", "seconds", "held_out_loss")
         }
         for name, records in runs.items()
@@ -106,7 +109,7 @@ def report_markdown(results: dict) -> str:
                 )
             )
     headers = ("calibration set", "setting", "pass (s)", "solves (s)", "total (s)", "held-out L_var")
-    return "\n".join(lines) + "\n" + common.markdown_table(headers, rows)
+    return "\n".join(lines) + "\n" + _results.markdown_table(headers, rows)
 
 
 def main(argv=None) -> dict:
@@ -119,7 +122,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.from_json:
         results = json.loads(args.from_json.read_text())
-        common.update_docs_section("init-speed", report_markdown(results), path=DOCS)
+        _results.update_docs_section("init-speed", report_markdown(results), path=DOCS)
         return results
     common.setup(args)
     sizes = SIZES["quick" if args.quick or args.tiny else "full"]
@@ -133,18 +136,18 @@ def main(argv=None) -> dict:
     }
     for name in args.tasks:
         if name == "vision":
-            task = common.vision_task(
+            task = _data.vision_task(
                 args.vision_model, sizes=sizes["vision"], image_size=args.image_size, tiny=args.tiny
             )
         else:
-            task = common.text_task(args.text_model, sizes=sizes["text"], tiny=args.tiny)
+            task = _data.text_task(args.text_model, sizes=sizes["text"], tiny=args.tiny)
         results["tasks"][name] = run_task(task, repeats)
         if args.output:
-            common.write_json(args.output, results)
+            _results.write_json(args.output, results)
     text = report_markdown(results)
     print(text)
     if common.updates_docs(args):
-        common.update_docs_section("init-speed", text, path=DOCS)
+        _results.update_docs_section("init-speed", text, path=DOCS)
     return results
 
 

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+import _results  # these import common first, which must come before torch (see below)
+import _timing
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 import torch
 import transformers
@@ -107,20 +109,20 @@ def measure(config: dict) -> dict:
         # before the measured steps is what is alive (model, optimizer states, batch), as `memory_allocated` is on CUDA.
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        before = common._rss_kib("VmRSS") * 1024
-        common._reset_peak_rss()
+        before = _timing._rss_kib("VmRSS") * 1024
+        _timing._reset_peak_rss()
     for _ in range(config["steps"]):
         start = time.perf_counter()
         step()
-        common.synchronize(device)
+        _timing.synchronize(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else common._rss_kib("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else _timing._rss_kib("VmHWM") * 1024
     return {
         "peak_mib": peak / 2**20,
         "added_mib": (peak - before) / 2**20,
         "before_mib": before / 2**20,
         "step_seconds": times,
-        "median_step_seconds": common.median(times),
+        "median_step_seconds": _timing.median(times),
         **{f"first_step_{name}": value for name, value in first.items()},
     }
 
@@ -178,7 +180,7 @@ def main(argv=None) -> dict:
         / without["first_step_gradient_norm"],
     }
     print(
-        common.markdown_table(
+        _results.markdown_table(
             ["configuration", "peak MiB", "added by a step, MiB", "step s (median)", "first loss"],
             [
                 (
@@ -196,7 +198,7 @@ def main(argv=None) -> dict:
         f"checkpointing saves {results['peak_saving_mib']:.0f} MiB of peak memory; a step adds "
         f"{results['added_ratio']:.2f}x the memory and takes {results['time_ratio']:.2f}x the time."
     )
-    common.write_json(args.output, results)
+    _results.write_json(args.output, results)
     return results
 
 

@@ -26,7 +26,9 @@ import argparse
 import time
 from pathlib import Path
 
-import _timing  # imports common first, which must come before torch (see below)
+import _models  # these import common first, which must come before torch (see below)
+import _results
+import _timing
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 import torch
 from tqdm.auto import tqdm
@@ -65,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def spec_for(args, family: str, method: str, kind: str) -> common.CostSpec:
+def spec_for(args, family: str, method: str, kind: str) -> _timing.CostSpec:
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     batch_size, size = SHAPES[mode][family]
     prompt, new_tokens = GENERATION[mode]
@@ -82,7 +84,7 @@ def measure_family(args, family: str) -> dict:
     methods = sorted(set(TRAIN_METHODS) | set(INFERENCE_METHODS), key=(TRAIN_METHODS + INFERENCE_METHODS).index)
     models, batches = {}, {}
     for method in tqdm(methods, desc=f"{family}: loading models", leave=False):
-        models[method], batches[method] = common.build_cost_model(spec_for(args, family, method, "train"))
+        models[method], batches[method] = _timing.build_cost_model(spec_for(args, family, method, "train"))
     result = {"kinds": {}}
     for kind in kinds:
         spec = spec_for(args, family, "toast", kind)
@@ -91,25 +93,25 @@ def measure_family(args, family: str) -> dict:
             prompt = batches["base"]["input_ids"][:1, : spec.size]
             batch = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
         workloads = {
-            method: common.workload_fn(models[method], batch if kind == "generate" else batches[method], spec)
+            method: _timing.workload_fn(models[method], batch if kind == "generate" else batches[method], spec)
             for method in members
         }
         load_before = common.os.getloadavg()[0]
-        timings = common.interleaved_timings(
+        timings = _timing.interleaved_timings(
             workloads, repeats=spec.repeats, warmup=spec.warmup, device=args.device, desc=f"{family} {kind}"
         )
         result["kinds"][kind] = {
             "shape": {"batch_size": spec.batch_size, "size": spec.size, "new_tokens": spec.new_tokens},
             "load_average": [load_before, common.os.getloadavg()[0]],
             "seconds": timings,
-            "median_seconds": {method: common.median(times) for method, times in timings.items()},
+            "median_seconds": {method: _timing.median(times) for method, times in timings.items()},
         }
         if kind == "generate":
             result["kinds"][kind]["tokens_per_second"] = {
                 method: spec.new_tokens / seconds
                 for method, seconds in result["kinds"][kind]["median_seconds"].items()
             }
-    result["trainable_parameters"] = {method: common.trainable_parameters(models[method]) for method in TRAIN_METHODS}
+    result["trainable_parameters"] = {method: _models.trainable_parameters(models[method]) for method in TRAIN_METHODS}
     del models, batches
     if not args.no_memory:
         memory = {}
@@ -147,7 +149,7 @@ def profile_family(args, family: str) -> None:
     signals, the rest of the forward, backward, optimizer) and per operator (torch.profiler, self time)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    model, batch = common.build_cost_model(spec_for(args, family, "toast", "train"))
+    model, batch = _timing.build_cost_model(spec_for(args, family, "toast", "train"))
     tuner = model.base_model
     for name in ("run_pass1", "top_down_signals"):  # label the two TOAST-specific phases in the trace
         method = getattr(tuner, name)
@@ -224,7 +226,7 @@ def main(argv=None) -> dict:
     for family in tqdm(args.families, desc="cost"):
         results["families"][family] = measure_family(args, family)
         if args.output:
-            common.write_json(args.output, results)
+            _results.write_json(args.output, results)
     return _timing.finish(args, results, start, (ratio_table, absolute_table), write_docs)
 
 
@@ -263,7 +265,7 @@ def ratio_table(results: dict) -> str:
                 verdict = "" if target is None else (" ✓" if value <= target else " ✗")
                 cells.append(f"{value:.2f}×{verdict}")
         rows.append((label, f"≤ {target}×" if target else "", *cells))
-    return common.markdown_table(("ratio", "target", *families), rows)
+    return _results.markdown_table(("ratio", "target", *families), rows)
 
 
 def absolute_table(results: dict) -> str:
@@ -279,8 +281,8 @@ def absolute_table(results: dict) -> str:
             rows.append(
                 (
                     name,
-                    common.METHOD_LABELS[method],
-                    common.format_count(family["trainable_parameters"][method]) if method in TRAIN_METHODS else "0",
+                    _models.METHOD_LABELS[method],
+                    _results.format_count(family["trainable_parameters"][method]) if method in TRAIN_METHODS else "0",
                     f"{train:.3f}" if train is not None else "–",
                     f"{peak['peak_mib']:.0f} / {peak['added_mib']:.0f}" if peak else "–",
                     f"{forward:.3f}" if forward is not None else "–",
@@ -296,7 +298,7 @@ def absolute_table(results: dict) -> str:
         "forward s",
         "generation tokens/s",
     )
-    return common.markdown_table(headers, rows)
+    return _results.markdown_table(headers, rows)
 
 
 def shapes_caption(results: dict) -> str:
@@ -325,7 +327,7 @@ def shapes_caption(results: dict) -> str:
 def write_docs(results: dict) -> None:
     section = "cost-gpu" if results["settings"]["device"].startswith("cuda") else "cost"
     markdown = f"{shapes_caption(results)}\n\n{ratio_table(results)}\n\nAbsolute values:\n\n{absolute_table(results)}"
-    common.update_docs_section(section, markdown)
+    _results.update_docs_section(section, markdown)
 
 
 if __name__ == "__main__":

@@ -39,22 +39,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-from common import (  # noqa: E402
-    METHOD_LABELS,
-    REPO,
-    add_common_arguments,
-    apply_method,
-    interleaved_timings,
-    load_image_classifier,
-    machine_info,
-    markdown_table,
-    median,
-    setup,
-    update_docs_section,
-    updates_docs,
-    vision_model_path,
-    write_json,
-)
+from _models import METHOD_LABELS, apply_method, load_image_classifier, vision_model_path  # noqa: E402
+from _results import markdown_table, update_docs_section, write_json  # noqa: E402
+from _timing import interleaved_timings, median  # noqa: E402
+from common import REPO, add_common_arguments, machine_info, setup, updates_docs  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -68,7 +56,7 @@ DOC = REPO / "docs" / "feature_cache.md"
 FULL_TRAIN_SIZE = 60_000  # Fashion-MNIST's train split, for the extrapolated precompute time
 TARGET_RATIO = 1.1  # TOAST with the cache vs LoRA, per step
 TARGET_EPOCHS = 2  # the precompute should pay for itself within this many epochs
-# The configurations, in table order: (label, method of `common.apply_method`, trains on the cached dataset).
+# The configurations, in table order: (label, method of `_models.apply_method`, trains on the cached dataset).
 CONFIGS = {
     "toast": ("TOAST, no cache", "toast", False),
     "toast-cached": ("TOAST, cache", "toast", True),

@@ -23,6 +23,9 @@ import os
 import sys
 from pathlib import Path
 
+import _models  # these import common first, which must come before torch (see below)
+import _results
+import _timing
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 import torch
 import transformers
@@ -55,9 +58,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_causal_lm(model: str | None, *, tiny: bool, random_weights: bool, dtype: str) -> torch.nn.Module:
     if random_weights and not tiny:
-        config = transformers.AutoConfig.from_pretrained(common.text_model_path(model))
+        config = transformers.AutoConfig.from_pretrained(_models.text_model_path(model))
         return transformers.AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
-    return common.load_causal_lm(model, tiny=tiny, dtype=DTYPES[dtype])
+    return _models.load_causal_lm(model, tiny=tiny, dtype=DTYPES[dtype])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,10 +130,10 @@ def main(argv=None) -> dict:
     }
     exact = torch.equal(workloads["toast_cached"](), workloads["toast_uncached"]())
     load_before = os.getloadavg()[0]
-    timings = common.interleaved_timings(
+    timings = _timing.interleaved_timings(
         workloads, repeats=args.repeats, warmup=args.warmup, device=args.device, desc="generation rounds"
     )
-    medians = {name: common.median(times) for name, times in timings.items()}
+    medians = {name: _timing.median(times) for name, times in timings.items()}
     ms_per_token = {name: 1000 * seconds / args.new_tokens for name, seconds in medians.items()}
     results = {
         "command": " ".join(["python", "benchmarks/generation.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -155,7 +158,7 @@ def main(argv=None) -> dict:
         },
     }
     print(
-        common.markdown_table(
+        _results.markdown_table(
             ["configuration", "ms / token (median)", "tokens / s"],
             [(name, f"{ms_per_token[name]:.1f}", f"{1000 / ms_per_token[name]:.1f}") for name in CONFIGURATIONS],
         )
@@ -163,7 +166,7 @@ def main(argv=None) -> dict:
     for name, ratio in results["ratios"].items():
         print(f"{name}: {ratio:.2f}x")
     print(f"cached TOAST tokens == uncached TOAST tokens: {exact}")
-    common.write_json(args.output, results)
+    _results.write_json(args.output, results)
     return results
 
 

@@ -13,7 +13,7 @@ offline models, plus the trainable-parameter counts of the parameter-efficient v
    - test accuracy after a fixed short training budget for random init / zero readout / calibrated / pre-tuned, each
      with full-rank, low-rank and TOAST-Lite feedback, over several seeds (mean ± std).
 
-The downstream runs share the protocol of `benchmarks/quality.py` (`common.train`: AdamW, warm-up + cosine, clipping)
+The downstream runs share the protocol of `benchmarks/quality.py` (`_training.train`: AdamW, warm-up + cosine, clipping)
 with fixed learning rates (the middle of its TOAST ranges). TOAST's pass 1 does not depend on the adapter, so its
 feature is computed once per example and every run reuses it (`toast_features=`): a step costs one forward and one
 backward pass.
@@ -34,6 +34,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import _data  # these import common first, which must come before torch (see below)
+import _models
+import _results
+import _training
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 import torch
 from peft import get_peft_model
@@ -156,12 +160,12 @@ def count_variants(ranks: tuple[int, ...]) -> dict[str, dict]:
 
 @dataclass
 class FeatureSplit:
-    """A `common.Split` whose batches also carry TOAST's pass-1 feature (`toast_features`), computed once.
+    """A `_data.Split` whose batches also carry TOAST's pass-1 feature (`toast_features`), computed once.
 
     Texts are padded on the right per batch; the feature of a padding position is set to zero, which only changes the
     signals of padding positions (causal attention: no real token reads them)."""
 
-    split: common.Split
+    split: _data.Split
     features: list[torch.Tensor]  # per example, (N_i, d) over its real tokens
 
     def __len__(self) -> int:
@@ -179,7 +183,7 @@ class FeatureSplit:
 
 
 @torch.no_grad()
-def with_pass1_features(model: nn.Module, split: common.Split) -> FeatureSplit:
+def with_pass1_features(model: nn.Module, split: _data.Split) -> FeatureSplit:
     tuner = model.base_model
     no_cache = {"use_cache": False} if tuner.architecture.causal else {}
     features = []
@@ -196,7 +200,7 @@ def with_pass1_features(model: nn.Module, split: common.Split) -> FeatureSplit:
     return FeatureSplit(split, features)
 
 
-def unlabelled_batches(split: common.Split, count: int | None = None, *, lm_labels: bool = False) -> list[dict]:
+def unlabelled_batches(split: _data.Split, count: int | None = None, *, lm_labels: bool = False) -> list[dict]:
     """The inputs of `split` (its first `count` examples) in batches, without the task labels; `labels` are the input
     ids (padding -100) when a causal LM is pre-tuned on its LM loss."""
     count = len(split) if count is None else min(count, len(split))
@@ -210,7 +214,7 @@ def unlabelled_batches(split: common.Split, count: int | None = None, *, lm_labe
     return batches
 
 
-def prepare_initialisations(task: common.Task, args, workdir: Path) -> tuple[dict, dict]:
+def prepare_initialisations(task: _data.Task, args, workdir: Path) -> tuple[dict, dict]:
     """Calibrate, and pre-tune by SGD given the calibration's wall time, a full-rank and a low-rank adapter; save them.
 
     Returns `(folders, report)`: `folders[init, variant]` for init in ("calibrated", "pre-tuned") and variant in ("full",
@@ -242,7 +246,7 @@ def prepare_initialisations(task: common.Task, args, workdir: Path) -> tuple[dic
             get_peft_model(task.new_model(), random_init), statistics=held_out
         )
         # SGD pre-tuning with the reference's objective (LM loss + 0.01 L_var for a causal LM, L_var for the ViT).
-        source = common.load_causal_lm(args.text_model, tiny=args.tiny) if causal else task.new_model()
+        source = _models.load_causal_lm(args.text_model, tiny=args.tiny) if causal else task.new_model()
         pretuned = get_peft_model(source, ToastConfig(variational_loss_weight=weight, **fields))
         pretuning = pretune_top_down(
             pretuned, unlabelled_batches(task.splits["val"], lm_labels=causal), max_seconds=seconds,
@@ -271,7 +275,7 @@ def prepare_initialisations(task: common.Task, args, workdir: Path) -> tuple[dic
     return folders, report
 
 
-def downstream_model(task: common.Task, init: str, variant: str, folders: dict, rank: int, seed: int) -> nn.Module:
+def downstream_model(task: _data.Task, init: str, variant: str, folders: dict, rank: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)  # the head (and random inits) start from this seed
     base = task.new_model()
     fields = variant_fields(variant, rank)
@@ -290,7 +294,7 @@ def learning_rate(variant: str, task: str) -> float:
     return rate[task] if isinstance(rate, dict) else rate
 
 
-def run_task(task: common.Task, args, settings: dict, seeds: tuple[int, ...]) -> dict:
+def run_task(task: _data.Task, args, settings: dict, seeds: tuple[int, ...]) -> dict:
     print(f"\n== {task.description}: {task.model_name}")
     machine = common.machine_info()  # the load average when this task starts
     with tempfile.TemporaryDirectory() as workdir:
@@ -303,14 +307,14 @@ def run_task(task: common.Task, args, settings: dict, seeds: tuple[int, ...]) ->
         for init, variant, seed in tqdm(combinations, desc=f"{task.name} downstream runs"):
             model = downstream_model(task, init, variant, folders, args.rank, seed)
             start = time.perf_counter()
-            common.train(
+            _training.train(
                 model, train, steps=settings["steps"], batch_size=settings["batch_size"], lr=learning_rate(variant, task.name),
                 head_lr=HEAD_LR[task.name], seed=seed, desc=f"{init} / {variant} / seed {seed}",
             )  # fmt: skip
             runs.setdefault(f"{init} / {variant}", []).append(
                 {
                     "seed": seed,
-                    "test_accuracy": common.accuracy(model, test),
+                    "test_accuracy": _training.accuracy(model, test),
                     "train_seconds": time.perf_counter() - start,
                     "trainable_toast_params": sum(
                         p.numel() for n, p in model.named_parameters() if p.requires_grad and "toast_" in n
@@ -349,12 +353,12 @@ def parameter_table(counts: dict) -> str:
     rows = []
     for name, row in counts.items():
         cells = [
-            f"{common.format_count(v['trainable'])} ({v['percent_of_backbone']:.2f}%)"
+            f"{_results.format_count(v['trainable'])} ({v['percent_of_backbone']:.2f}%)"
             + (" ✓" if v["percent_of_backbone"] <= 1 else "")
             for v in row["variants"].values()
         ]
-        rows.append([f"{name} (d={row['d']}, L={row['L']})", common.format_count(row["backbone"]), *cells])
-    return common.markdown_table(["model", "backbone", *variants], rows)
+        rows.append([f"{name} (d={row['d']}, L={row['L']})", _results.format_count(row["backbone"]), *cells])
+    return _results.markdown_table(["model", "backbone", *variants], rows)
 
 
 def reconstruction_table(task: dict) -> str:
@@ -362,7 +366,7 @@ def reconstruction_table(task: dict) -> str:
     for variant, report in task["initialisation"].items():
         for init, error in report["held_out_reconstruction_error"].items():
             rows.append([variant, init, f"{error:.4g}"])
-    return common.markdown_table(["feedback", "down-maps", "held-out variational loss"], rows)
+    return _results.markdown_table(["feedback", "down-maps", "held-out variational loss"], rows)
 
 
 def timing_lines(task: dict) -> str:
@@ -389,10 +393,10 @@ def accuracy_table(task: dict) -> str:
             cells.append(f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f}")
         rows.append([init, *cells])
     params = [
-        common.format_count(task["downstream"][f"zero readout / {v}"]["trainable_toast_params"]) for v in VARIANTS
+        _results.format_count(task["downstream"][f"zero readout / {v}"]["trainable_toast_params"]) for v in VARIANTS
     ]
     rows.append(["trainable TOAST parameters", *params])
-    return common.markdown_table(["initialisation", *(f"{v} (acc. %)" for v in VARIANTS)], rows)
+    return _results.markdown_table(["initialisation", *(f"{v} (acc. %)" for v in VARIANTS)], rows)
 
 
 def report_markdown(results: dict) -> dict[str, str]:
@@ -438,7 +442,7 @@ def main(argv=None) -> dict:
         runs = [json.loads(path.read_text()) for path in args.from_json]
         results = {**runs[0], "tasks": {name: task for run in runs for name, task in run["tasks"].items()}}
         for name, text in report_markdown(results).items():
-            common.update_docs_section(name, text, path=DOCS)
+            _results.update_docs_section(name, text, path=DOCS)
         return results
     common.setup(args)
     protocol = PROTOCOLS["tiny" if args.tiny else "quick" if args.quick else "full"]
@@ -458,22 +462,22 @@ def main(argv=None) -> dict:
         if args.train_size is not None:
             settings["sizes"]["train"] = args.train_size
         if name == "vision":
-            task = common.vision_task(
+            task = _data.vision_task(
                 args.vision_model, sizes=settings["sizes"], image_size=args.image_size, tiny=args.tiny
             )
         else:
-            task = common.text_task(args.text_model, sizes=settings["sizes"], tiny=args.tiny)
+            task = _data.text_task(args.text_model, sizes=settings["sizes"], tiny=args.tiny)
         results["tasks"][name] = run_task(task, args, settings, protocol["seeds"])
         results["wall_seconds"] = time.perf_counter() - start
         results["load_average_at_end"] = os.getloadavg()
         if args.output:  # after every task, so that a long run keeps what it has measured
-            common.write_json(args.output, results)
+            _results.write_json(args.output, results)
     sections = report_markdown(results)
     for text in sections.values():
         print(f"\n{text}")
     if common.updates_docs(args):
         for name, text in sections.items():
-            common.update_docs_section(name, text, path=DOCS)
+            _results.update_docs_section(name, text, path=DOCS)
     print(f"\ntotal {results['wall_seconds'] / 60:.1f} min")
     return results
 

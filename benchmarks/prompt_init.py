@@ -21,7 +21,10 @@ import statistics
 import time
 from pathlib import Path
 
-import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
+import _data  # these import common first, which must come before torch (see below)
+import _results
+import _training
+import common  # noqa: F401, I001  (first: it sets the OpenMP wait policy before torch loads)
 import initialisation
 import torch
 from peft import get_peft_model
@@ -51,9 +54,9 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads)
     settings = {**SETTINGS[args.task], **({"steps": args.steps} if args.steps else {})}
     if args.task == "vision":
-        task = common.vision_task(sizes=settings["sizes"], tiny=args.tiny)
+        task = _data.vision_task(sizes=settings["sizes"], tiny=args.tiny)
     else:
-        task = common.text_task(sizes=settings["sizes"], tiny=args.tiny)
+        task = _data.text_task(sizes=settings["sizes"], tiny=args.tiny)
     reader = get_peft_model(task.new_model(), ToastConfig())
     splits = {name: initialisation.with_pass1_features(reader, split) for name, split in task.splits.items()}
     tokens = torch.cat(splits["train"].features)  # (tokens, d): real tokens only
@@ -71,7 +74,7 @@ def main(argv=None) -> list[dict]:
                         prompt.copy_(mean)
                 gates, _ = token_selection(tokens[:GATE_TOKENS].unsqueeze(0), prompt.detach())
                 start = time.perf_counter()
-                losses = common.train(
+                losses = _training.train(
                     model, splits["train"], steps=settings["steps"], batch_size=settings["batch_size"], lr=lr,
                     head_lr=settings["head_lr"], seed=seed,
                 )  # fmt: skip
@@ -82,14 +85,14 @@ def main(argv=None) -> list[dict]:
                     "seed": seed,
                     "gate_mean": gates.mean().item(),
                     "gate_zero_fraction": (gates == 0).float().mean().item(),
-                    "val": common.accuracy(model, splits["val"]),
-                    "test": common.accuracy(model, splits["test"]),
+                    "val": _training.accuracy(model, splits["val"]),
+                    "test": _training.accuracy(model, splits["test"]),
                     "final_loss": statistics.mean(losses[-5:]),
                     "train_seconds": time.perf_counter() - start,
                 }
                 print(json.dumps(run), flush=True)
                 results.append(run)
-                common.write_json(args.output, results)
+                _results.write_json(args.output, results)
     return results
 
 

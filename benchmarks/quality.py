@@ -31,6 +31,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import _data  # these import common first, which must come before torch (see below)
+import _models
+import _results
+import _training
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 import torch
 from tqdm.auto import tqdm
@@ -72,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = script_parser(__doc__)
     common.add_common_arguments(parser)
     parser.add_argument("--tasks", nargs="+", default=["vision", "text"], choices=["vision", "text"])
-    parser.add_argument("--methods", nargs="+", default=list(common.METHODS), choices=common.METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(_models.METHODS), choices=_models.METHODS)
     parser.add_argument(
         "--image-size", type=int, default=112, help="Image side in px, a multiple of 14 (default 112)."
     )
@@ -101,10 +105,10 @@ def protocol_for(args: argparse.Namespace) -> dict:
     return protocol
 
 
-def load_task(name: str, args: argparse.Namespace, sizes: dict[str, int]) -> common.Task:
+def load_task(name: str, args: argparse.Namespace, sizes: dict[str, int]) -> _data.Task:
     if name == "vision":
-        return common.vision_task(args.vision_model, sizes=sizes, image_size=args.image_size, tiny=args.tiny)
-    return common.text_task(args.text_model, sizes=sizes, max_length=args.max_length, tiny=args.tiny)
+        return _data.vision_task(args.vision_model, sizes=sizes, image_size=args.image_size, tiny=args.tiny)
+    return _data.text_task(args.text_model, sizes=sizes, max_length=args.max_length, tiny=args.tiny)
 
 
 def learning_rates(method: str, task: str) -> tuple[float, ...]:
@@ -113,16 +117,16 @@ def learning_rates(method: str, task: str) -> tuple[float, ...]:
     return grid[task] if isinstance(grid, dict) else grid
 
 
-def train_once(task: common.Task, method: str, lr: float, seed: int, settings: dict, head_lr: float | None):
+def train_once(task: _data.Task, method: str, lr: float, seed: int, settings: dict, head_lr: float | None):
     """Train a fresh model with `method`; returns the model, the splits it reads, and a record of the run."""
     torch.manual_seed(seed)  # the head (and the adapter's random parts) start from this seed
     model = task.new_model()
     if method == "linear":
-        model, splits = common.LinearProbe(common.model_head(model)), task.probe_splits()
+        model, splits = _training.LinearProbe(_training.model_head(model)), task.probe_splits()
     else:
-        model, splits = common.apply_method(model, method), task.splits
+        model, splits = _models.apply_method(model, method), task.splits
     start = time.perf_counter()
-    losses = common.train(
+    losses = _training.train(
         model,
         splits["train"],
         steps=settings["steps"],
@@ -139,12 +143,12 @@ def train_once(task: common.Task, method: str, lr: float, seed: int, settings: d
         "first_loss": losses[0],
         "final_loss": sum(losses[-5:]) / len(losses[-5:]),
         "train_seconds": time.perf_counter() - start,
-        "trainable_parameters": common.trainable_parameters(model),
+        "trainable_parameters": _models.trainable_parameters(model),
     }
     return model, splits, record
 
 
-def run_method(task: common.Task, method: str, protocol: dict, head_lr: float | None, progress: tqdm, on_run) -> dict:
+def run_method(task: _data.Task, method: str, protocol: dict, head_lr: float | None, progress: tqdm, on_run) -> dict:
     """The learning-rate sweep (seed 0, scored on validation) and the remaining seeds at the best learning rate.
 
     Only the chosen models are evaluated on the test split: the sweep's best one, and one per remaining seed.
@@ -153,11 +157,11 @@ def run_method(task: common.Task, method: str, protocol: dict, head_lr: float | 
     grid = learning_rates(method, task.name)
     lrs = grid if protocol["sweep"] else grid[len(grid) // 2 : len(grid) // 2 + 1]
     seeds = protocol["seeds"]
-    record = {"label": common.METHOD_LABELS[method], "sweep": [], "runs": []}
+    record = {"label": _models.METHOD_LABELS[method], "sweep": [], "runs": []}
     best = None  # (model, splits, run record) of the best learning rate so far
     for lr in lrs:
         model, splits, run = train_once(task, method, lr, seeds[0], settings, head_lr)
-        run["val_accuracy"] = common.accuracy(model, splits["val"])
+        run["val_accuracy"] = _training.accuracy(model, splits["val"])
         record["sweep"].append(run)
         if best is None or run["val_accuracy"] > best[2]["val_accuracy"]:  # the smaller lr wins ties
             best = (model, splits, run)
@@ -166,12 +170,12 @@ def run_method(task: common.Task, method: str, protocol: dict, head_lr: float | 
         on_run()
     model, splits, run = best
     del best
-    run["test_accuracy"] = common.accuracy(model, splits["test"])
+    run["test_accuracy"] = _training.accuracy(model, splits["test"])
     record["best_lr"] = run["lr"]
     record["runs"].append(run)
     for seed in seeds[1:]:
         model, splits, run = train_once(task, method, record["best_lr"], seed, settings, head_lr)
-        run["test_accuracy"] = common.accuracy(model, splits["test"])
+        run["test_accuracy"] = _training.accuracy(model, splits["test"])
         record["runs"].append(run)
         progress.update()
         on_run()
@@ -214,7 +218,7 @@ def main(argv=None) -> dict:
     def save() -> None:
         if args.output:
             with_end = {**results, "machine": {**results["machine"], "load_average_end": common.os.getloadavg()}}
-            common.write_json(args.output, with_end)
+            _results.write_json(args.output, with_end)
 
     runs_per_method = (3 if protocol["sweep"] else 1) + len(protocol["seeds"]) - 1
     start = time.perf_counter()
@@ -251,7 +255,7 @@ def main(argv=None) -> dict:
 
 def ordered_methods(task: dict) -> list[dict]:
     """The method records of a task in table order (runs may have been made in another order)."""
-    return [task["methods"][name] for name in common.METHODS if name in task["methods"]]
+    return [task["methods"][name] for name in _models.METHODS if name in task["methods"]]
 
 
 def summary_table(task: dict) -> str:
@@ -262,7 +266,7 @@ def summary_table(task: dict) -> str:
         rows.append(
             (
                 record["label"],
-                common.format_count(record["trainable_parameters"]),
+                _results.format_count(record["trainable_parameters"]),
                 f"**{100 * record['test_accuracy_mean']:.1f} ± {100 * record['test_accuracy_std']:.1f}**",
                 f"{record['best_lr']:g}",
                 f"{sweep} (lr {lrs})",
@@ -277,7 +281,7 @@ def summary_table(task: dict) -> str:
         "val accuracy, seed 0",
         "train s / run",
     )
-    return common.markdown_table(headers, rows)
+    return _results.markdown_table(headers, rows)
 
 
 def print_summary(results: dict) -> None:
@@ -298,13 +302,13 @@ def write_docs(results: dict) -> None:
             f"{task['sizes']['test']} test examples, {task['steps']} steps of batch {task['batch_size']}, "
             f"{seeds} seeds. Majority class: {100 * task['majority_class_test_accuracy']:.1f}% of the test set."
         )
-        common.update_docs_section(f"quality-{name}", f"{caption}\n\n{summary_table(task)}")
+        _results.update_docs_section(f"quality-{name}", f"{caption}\n\n{summary_table(task)}")
     plot(results)
 
 
 def plot(results: dict) -> None:
     tasks = results["tasks"]
-    plt, figure, axes = common.figure_per_task(len(tasks), 5.5, 3.8)
+    plt, figure, axes = _results.figure_per_task(len(tasks), 5.5, 3.8)
     for axis, task in zip(axes, tasks.values()):
         records = ordered_methods(task)
         means = [100 * record["test_accuracy_mean"] for record in records]
@@ -332,7 +336,7 @@ def plot(results: dict) -> None:
         fontsize=8,
     )
     figure.tight_layout()
-    common.save_figure(figure, "quality.png")
+    _results.save_figure(figure, "quality.png")
     plt.close(figure)
 
 

@@ -16,7 +16,9 @@ import argparse
 import time
 from pathlib import Path
 
-import _timing  # imports common first, which must come before torch (see below)
+import _models  # these import common first, which must come before torch (see below)
+import _results
+import _timing
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 from tqdm.auto import tqdm
 
@@ -59,15 +61,15 @@ def measure_point(args, family: str, batch_size: int, size: int) -> dict:
     specs = {method: _timing.cost_spec(args, family, method, batch_size, size) for method in METHODS}
     workloads = {}
     for method, spec in specs.items():
-        model, batch = common.build_cost_model(spec)
-        workloads[method] = common.train_step_fn(model, batch)
-    timings = common.interleaved_timings(
+        model, batch = _timing.build_cost_model(spec)
+        workloads[method] = _timing.train_step_fn(model, batch)
+    timings = _timing.interleaved_timings(
         workloads, repeats=args.repeats, warmup=args.warmup, desc=f"{family} batch {batch_size} size {size}"
     )
     del workloads
     point = {"batch_size": batch_size, "size": size, "load_average": common.os.getloadavg()[0]}
     for method, spec in specs.items():
-        point[method] = {"seconds": timings[method], "median_seconds": common.median(timings[method])}
+        point[method] = {"seconds": timings[method], "median_seconds": _timing.median(timings[method])}
         if not args.no_memory:
             point[method].update(_timing.peak_training_memory(spec))
     return point
@@ -94,7 +96,7 @@ def main(argv=None) -> dict:
                 points["points"].append({"value": value, **measure_point(args, family, *shape)})
                 progress.update()
                 if args.output:
-                    common.write_json(args.output, results)
+                    _results.write_json(args.output, results)
     return _timing.finish(args, results, start, (table,), write_docs)
 
 
@@ -128,7 +130,7 @@ def table(results: dict) -> str:
         "peak MiB, TOAST / LoRA",
         "peak ratio",
     )
-    return common.markdown_table(headers, rows)
+    return _results.markdown_table(headers, rows)
 
 
 def write_docs(results: dict) -> None:
@@ -138,7 +140,7 @@ def write_docs(results: dict) -> None:
         f"warm-up; load average {results['machine']['load_average'][0]:.1f} at the start, "
         f"{results['machine']['load_average_end'][0]:.1f} at the end. Run {results['started']}."
     )
-    common.update_docs_section("scaling", f"{caption}\n\n{table(results)}\n\n![scaling](img/scaling.png)")
+    _results.update_docs_section("scaling", f"{caption}\n\n{table(results)}\n\n![scaling](img/scaling.png)")
     plot(results)
 
 
@@ -153,7 +155,7 @@ def plot(results: dict) -> None:
     for column, (name, sweep) in enumerate(sweeps.items()):
         values = [point["value"] for point in sweep["points"]]
         for method, color in (("toast", "tab:red"), ("lora", "tab:gray")):
-            label = common.METHOD_LABELS[method]
+            label = _models.METHOD_LABELS[method]
             seconds = [point[method]["median_seconds"] for point in sweep["points"]]
             added = [point[method]["added_mib"] for point in sweep["points"]]
             axes[0][column].plot(values, seconds, "o-", color=color, label=label)
@@ -169,7 +171,7 @@ def plot(results: dict) -> None:
             axis.legend(fontsize=7)
     figure.suptitle("TOAST vs LoRA: training step time and memory (2-core CPU, fp32)", fontsize=9)
     figure.tight_layout()
-    common.save_figure(figure, "scaling.png")
+    _results.save_figure(figure, "scaling.png")
     plt.close(figure)
 
 

@@ -24,7 +24,9 @@ import copy
 import time
 from pathlib import Path
 
-import _timing  # imports common first, which must come before torch (see below)
+import _models  # these import common first, which must come before torch (see below)
+import _results
+import _timing
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 from peft import get_peft_model
 from tqdm.auto import tqdm
@@ -65,16 +67,16 @@ def measure_family(args, family: str) -> dict:
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     batch_size, size = SHAPES[mode][family]
     spec = _timing.cost_spec(args, family, "base", batch_size, size)
-    base, batch = common.build_cost_model(spec)
-    lora, _ = common.build_cost_model(_timing.cost_spec(args, family, "lora", batch_size, size))
+    base, batch = _timing.build_cost_model(spec)
+    lora, _ = _timing.build_cost_model(_timing.cost_spec(args, family, "lora", batch_size, size))
     num_blocks = len(get_peft_model(copy.deepcopy(base), ToastConfig()).base_model.architecture.blocks)
     ks = sorted(
         {k for k in (args.ks or (1, 2, 4, num_blocks // 4, num_blocks // 2, num_blocks)) if 1 <= k <= num_blocks}
     )
     task_type = "CAUSAL_LM" if family == "text" else None
-    train, forward, parameters = {"lora": common.train_step_fn(lora, batch)}, {}, {}
-    forward["base"] = common.forward_fn(base, {**batch, **({"use_cache": False} if family == "text" else {})})
-    parameters["lora"] = common.trainable_parameters(lora)
+    train, forward, parameters = {"lora": _timing.train_step_fn(lora, batch)}, {}, {}
+    forward["base"] = _timing.forward_fn(base, {**batch, **({"use_cache": False} if family == "text" else {})})
+    parameters["lora"] = _models.trainable_parameters(lora)
     for k in tqdm(ks, desc=f"{family}: models", leave=False):
         model = get_peft_model(
             copy.deepcopy(base), ToastConfig(layers_to_transform=list(range(num_blocks - k, num_blocks)), **(
@@ -82,19 +84,19 @@ def measure_family(args, family: str) -> dict:
             )),
         )  # fmt: skip
         plain = {**batch, **({"use_cache": False} if family == "text" else {})}
-        train[f"toast-top{k}"] = common.train_step_fn(model, plain)
+        train[f"toast-top{k}"] = _timing.train_step_fn(model, plain)
         if k < num_blocks:
-            train[f"toast-top{k}-cached"] = common.train_step_fn(model, cached_inputs(model, batch, num_blocks - k))
-        forward[f"toast-top{k}"] = common.forward_fn(model, plain)
-        parameters[f"toast-top{k}"] = common.trainable_parameters(model)
+            train[f"toast-top{k}-cached"] = _timing.train_step_fn(model, cached_inputs(model, batch, num_blocks - k))
+        forward[f"toast-top{k}"] = _timing.forward_fn(model, plain)
+        parameters[f"toast-top{k}"] = _models.trainable_parameters(model)
     result = {"num_blocks": num_blocks, "ks": ks, "shape": {"batch_size": batch_size, "size": size}, "kinds": {}}
     for kind, workloads in (("train", train), ("forward", forward)):
-        timings = common.interleaved_timings(
+        timings = _timing.interleaved_timings(
             workloads, repeats=args.repeats, warmup=args.warmup, desc=f"{family} {kind}"
         )
         result["kinds"][kind] = {
             "seconds": timings,
-            "median_seconds": {name: common.median(times) for name, times in timings.items()},
+            "median_seconds": {name: _timing.median(times) for name, times in timings.items()},
         }
     result["trainable_parameters"] = parameters
     train_median, forward_median = (
@@ -130,7 +132,7 @@ def main(argv=None) -> dict:
     for family in args.families:
         results["families"][family] = measure_family(args, family)
         if args.output:
-            common.write_json(args.output, results)
+            _results.write_json(args.output, results)
     return _timing.finish(args, results, start, (table,), write_docs)
 
 
@@ -158,7 +160,7 @@ def table(results: dict) -> str:
 
 
 def write_docs(results: dict) -> None:
-    common.update_docs_section("top-blocks", table(results))
+    _results.update_docs_section("top-blocks", table(results))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import _data  # these import common first, which must come before torch (see below)
+import _models
+import _results
+import _training
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 import numpy as np
 import torch
@@ -112,7 +116,7 @@ LEARNING_RATES["toast-src"] = LEARNING_RATES["toast"]
 LEARNING_RATES["toast-top3"] = LEARNING_RATES["toast-top6"] = LEARNING_RATES["toast"]
 
 
-def learning_rates(method: str, task: common.Task) -> tuple[float, ...]:
+def learning_rates(method: str, task: _data.Task) -> tuple[float, ...]:
     grid = LEARNING_RATES[method]
     return grid[task.kind] if isinstance(grid, dict) else grid
 
@@ -163,7 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @dataclass
-class CachedSplit(common.Split):
+class CachedSplit(_data.Split):
     """A split whose batches may also carry the TOAST pass-1 features (`toast_features`, `(N, T, d)`), and the share of
     each token that the target covers (`target`, `(N, T)`; the CLS token and padding 0)."""
 
@@ -225,7 +229,7 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
     garments of `classes` (renumbered 0..len-1) when given."""
     sizes = TINY_SIZES if args.tiny else SIZES
     if args.tiny:
-        task = common.vision_task(None, sizes=sizes, tiny=True)
+        task = _data.vision_task(None, sizes=sizes, tiny=True)
         task.splits = {name: CachedSplit(**vars(split)) for name, split in task.splits.items()}
         if classes is not None:
             task.name += "-" + "".join(map(str, classes))
@@ -235,7 +239,7 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
     from peft_toast.assets import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     image_size = args.image_size if kind == "fmnist" else CANVAS
-    path = common.vision_model_path(args.vision_model, image_size)
+    path = _models.vision_model_path(args.vision_model, image_size)
     processor = AutoImageProcessor.from_pretrained(path)
     share = len(FASHION_MNIST_CLASSES) / len(classes) if classes else 1  # draw enough to keep the sizes
     train_val = _garments(load_fashion_mnist("train", limit=int(share * (sizes["train"] + sizes["val"]))), classes)
@@ -272,12 +276,12 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
         description += f", classes {' '.join(map(str, classes))}"
         name += "-" + "".join(map(str, classes))
     num_labels = len(classes or FASHION_MNIST_CLASSES)
-    task = common.Task(
+    task = _data.Task(
         name=name,
         description=description,
         model_name=args.vision_model or f"DINOv2-S (ViT-S/14, offline) at {image_size} px",
         num_labels=num_labels,
-        new_model=lambda: common.load_image_classifier(path, num_labels, image_size=image_size),
+        new_model=lambda: _models.load_image_classifier(path, num_labels, image_size=image_size),
         splits=splits,
     )
     task.kind = "image"
@@ -297,21 +301,21 @@ def _garments(dataset, classes: Optional[list[int]]):
     return dataset.cast_column("label", ClassLabel(names=names))
 
 
-def text_task(args: argparse.Namespace) -> common.Task:
-    """Binary tweet sentiment on SmolLM2-135M with a sequence-classification head (`common.text_task`)."""
+def text_task(args: argparse.Namespace) -> _data.Task:
+    """Binary tweet sentiment on SmolLM2-135M with a sequence-classification head (`_data.text_task`)."""
     sizes = TINY_SIZES if args.tiny else {"train": 600, "val": 150, "test": 400}
-    task = common.text_task(args.text_model, sizes=sizes, tiny=args.tiny)
+    task = _data.text_task(args.text_model, sizes=sizes, tiny=args.tiny)
     task.splits = {name: CachedSplit(**vars(split)) for name, split in task.splits.items()}
     task.name = "tweets"
     return _same_backbone_for_every_seed(task, "text") if args.tiny else _with_kind(task, "text")
 
 
-def _with_kind(task: common.Task, kind: str) -> common.Task:
+def _with_kind(task: _data.Task, kind: str) -> _data.Task:
     task.kind = kind
     return task
 
 
-def _same_backbone_for_every_seed(task: common.Task, kind: str) -> common.Task:
+def _same_backbone_for_every_seed(task: _data.Task, kind: str) -> _data.Task:
     """A pretrained backbone is the same for every seed; a tiny random one (`--tiny`) is made so too."""
     random_model = task.new_model
 
@@ -325,7 +329,7 @@ def _same_backbone_for_every_seed(task: common.Task, kind: str) -> common.Task:
 
 
 @torch.no_grad()
-def cache_pass1_features(task: common.Task, batch_size: int = 64) -> None:
+def cache_pass1_features(task: _data.Task, batch_size: int = 64) -> None:
     """Pass 1 of the frozen backbone for every image of every split, once (`toast_features` of each split). Texts are
     padded per batch, so their features are not cached: TOAST runs both passes there."""
     if task.kind != "image":
@@ -344,24 +348,24 @@ def cache_pass1_features(task: common.Task, batch_size: int = 64) -> None:
 # ------------------------------------------------------------------------------------------------------ methods
 
 
-def probe_head(task: common.Task, lr: float, seed: int) -> tuple[dict, float]:
+def probe_head(task: _data.Task, lr: float, seed: int) -> tuple[dict, float]:
     """Train the linear probe (the frozen model's head on cached head inputs); its state dict and val accuracy."""
     torch.manual_seed(seed)
-    probe = common.LinearProbe(common.model_head(task.new_model()))
+    probe = _training.LinearProbe(_training.model_head(task.new_model()))
     splits = task.probe_splits()
-    common.train(probe, splits["train"], steps=PROBE_STEPS, batch_size=64, lr=lr, seed=seed, desc="probe")
-    return {key: value.clone() for key, value in probe.head.state_dict().items()}, common.accuracy(
+    _training.train(probe, splits["train"], steps=PROBE_STEPS, batch_size=64, lr=lr, seed=seed, desc="probe")
+    return {key: value.clone() for key, value in probe.head.state_dict().items()}, _training.accuracy(
         probe, splits["val"]
     )
 
 
-def new_model(task: common.Task, method: str, seed: int, head: Optional[dict], source: Optional[dict] = None):
+def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], source: Optional[dict] = None):
     """A fresh model of `task` trained the way `method` does, its head from `head` (the probe's) if given, and its
     adapter from `source[method]` (the adapter tensors of a source stage) for the `*-src` methods."""
     torch.manual_seed(seed)
     model = task.new_model()
     if head is not None:
-        common.model_head(model).load_state_dict(head)
+        _training.model_head(model).load_state_dict(head)
     if method in TOAST_CONFIGS:
         config = dict(TOAST_CONFIGS[method])
         if "layers_to_transform" in config:  # the tiny models have fewer blocks than "top 6"
@@ -369,7 +373,7 @@ def new_model(task: common.Task, method: str, seed: int, head: Optional[dict], s
             config["layers_to_transform"] = [index for index in config["layers_to_transform"] if index >= -depth]
         model = get_peft_model(model, ToastConfig(**config))
     elif method in ("lora", "lora-src"):
-        model = common.apply_method(model, "lora")  # r=8, alpha=16 on q and v, the head trained and saved
+        model = _models.apply_method(model, "lora")  # r=8, alpha=16 on q and v, the head trained and saved
     else:
         raise ValueError(f"Unknown method {method!r}.")
     if method in PROMPT_NORMS:
@@ -427,7 +431,7 @@ def train_and_score(task, method, lr, seed, steps, batch_size, head, splits_to_s
     model = new_model(task, method, seed, head, source)
     cached = method in TOAST_CONFIGS
     start = time.perf_counter()
-    losses = common.train(
+    losses = _training.train(
         model,
         task.splits["train"].view(with_features=cached),
         steps=steps,
@@ -439,8 +443,8 @@ def train_and_score(task, method, lr, seed, steps, batch_size, head, splits_to_s
     record = {"seed": seed, "lr": lr, "final_loss": statistics.mean(losses[-5:])}
     record["train_seconds"] = time.perf_counter() - start
     for name in splits_to_score:
-        record[f"{name}_accuracy"] = common.accuracy(model, task.splits[name].view(with_features=cached))
-    record["trainable_parameters"] = common.trainable_parameters(model)
+        record[f"{name}_accuracy"] = _training.accuracy(model, task.splits[name].view(with_features=cached))
+    record["trainable_parameters"] = _models.trainable_parameters(model)
     return model, record
 
 
@@ -494,12 +498,12 @@ def target_shares(model, split: CachedSplit, method: str, batch_size: int = 50) 
 
 
 @torch.no_grad()
-def initial_gate_shares(task: common.Task, batch_size: int) -> dict[str, float]:
+def initial_gate_shares(task: _data.Task, batch_size: int) -> dict[str, float]:
     """Before any training: the share of the gate mass on the target's patches (test split) with the data prompt (set
     from the first training batch of seed 0, as `prompt_init="data"` does) and with the reference's random prompt
     (seed 0), and their mean gates."""
     shares = {}
-    first_batch = common.batch_order(len(task.splits["train"]), 1, batch_size, seed=0)[0]
+    first_batch = _training.batch_order(len(task.splits["train"]), 1, batch_size, seed=0)[0]
     for init in ("data", "random"):
         torch.manual_seed(0)
         model = get_peft_model(task.new_model(), ToastConfig(prompt_init=init)).eval()
@@ -521,7 +525,7 @@ def initial_gate_shares(task: common.Task, batch_size: int) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------------- main
 
 
-def run_task(task: common.Task, args: argparse.Namespace, entry: dict, on_run, source=None) -> None:
+def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, source=None) -> None:
     """Fill `entry` (already in the results, so that every finished run is saved by `on_run`) with the runs of
     `task`; `source` is what `source_stage` returned, for the `*-src` methods."""
     entry.update(description=task.description, model=task.model_name, budgets={})
@@ -558,9 +562,9 @@ def run_task(task: common.Task, args: argparse.Namespace, entry: dict, on_run, s
                 probe_splits = task.probe_splits()
                 for seed in args.seeds:
                     torch.manual_seed(seed)
-                    probe = common.LinearProbe(common.model_head(task.new_model()))
+                    probe = _training.LinearProbe(_training.model_head(task.new_model()))
                     probe.head.load_state_dict(probe_head(task, best_probe, seed)[0])
-                    accuracy = common.accuracy(probe, probe_splits["test"])
+                    accuracy = _training.accuracy(probe, probe_splits["test"])
                     record["runs"].append({"seed": seed, "lr": best_probe, "test_accuracy": accuracy})
                 record["best_lr"] = best_probe
             else:
@@ -575,7 +579,7 @@ def run_task(task: common.Task, args: argparse.Namespace, entry: dict, on_run, s
                     if best is None or run["val_accuracy"] > best[1]["val_accuracy"]:
                         best = (model, run)
                 model, run = best
-                run["test_accuracy"] = common.accuracy(
+                run["test_accuracy"] = _training.accuracy(
                     model, task.splits["test"].view(with_features=method in TOAST_CONFIGS)
                 )
                 if task.splits["test"].target is not None:
@@ -658,7 +662,7 @@ def main(argv=None) -> dict:
 
     def save() -> None:
         if args.output:
-            common.write_json(args.output, results)
+            _results.write_json(args.output, results)
 
     if any(method in SOURCE_OF for method in args.methods) and not args.source_classes:
         raise SystemExit("The *-src methods need --source-classes (e.g. 0 1 2 3 4).")
@@ -715,7 +719,7 @@ def summary_table(task: dict) -> str:
             )
     headers = ("steps", "method", "test accuracy % (mean ± std)", "best lr", "val acc. of the lr sweep, seed 0",
                "CLS attention / gate mass on target")  # fmt: skip
-    return common.markdown_table(headers, rows)
+    return _results.markdown_table(headers, rows)
 
 
 def caption(task: dict, protocol: Optional[dict] = None) -> str:
@@ -740,11 +744,11 @@ def print_summary(results: dict) -> None:
 
 def write_docs(results: dict) -> None:
     for name, task in results["tasks"].items():
-        common.update_docs_section(f"transfer-{name}", f"{caption(task)}\n\n{summary_table(task)}")
+        _results.update_docs_section(f"transfer-{name}", f"{caption(task)}\n\n{summary_table(task)}")
     plot(results)
     clutter = clutter_curves(results)
     if len(clutter["k"]) > 1:
-        common.update_docs_section("transfer-clutter-vs-k", clutter_table(clutter))
+        _results.update_docs_section("transfer-clutter-vs-k", clutter_table(clutter))
         plot_clutter(clutter)
 
 
@@ -802,7 +806,7 @@ def clutter_table(curves: dict) -> str:
 
 
 def plot_clutter(curves: dict) -> None:
-    plt, figure, axes = common.figure_per_task(2, 4.5, 3.6)
+    plt, figure, axes = _results.figure_per_task(2, 4.5, 3.6)
     colors = {method: f"C{index}" for index, method in enumerate(METHODS)}
     ks = curves["k"]
     for method, c in curves["methods"].items():
@@ -823,7 +827,7 @@ def plot_clutter(curves: dict) -> None:
         axis.legend(fontsize=7)
     figure.suptitle("Cluttered Fashion-MNIST, DINOv2-S; mean ± std of 3 seeds; 2-core CPU", fontsize=8)
     figure.tight_layout()
-    common.save_figure(figure, "transfer-clutter.png")
+    _results.save_figure(figure, "transfer-clutter.png")
     plt.close(figure)
 
 
@@ -833,7 +837,7 @@ def plot(results: dict) -> None:
     if len(clutter) > 1:  # the other clutter levels are in transfer-clutter.png: keep the one with the most methods
         shown_elsewhere = {f"clutter-{k}" for k in clutter[:-1]}
         tasks = {name: task for name, task in tasks.items() if name not in shown_elsewhere}
-    plt, figure, axes = common.figure_per_task(len(tasks), 4.5, 3.6)
+    plt, figure, axes = _results.figure_per_task(len(tasks), 4.5, 3.6)
     colors = {method: f"C{index}" for index, method in enumerate(METHODS)}
     for axis, task in zip(axes, tasks.values()):
         steps = [int(s) for s in task["budgets"]]
@@ -866,7 +870,7 @@ def plot(results: dict) -> None:
         "Head from the probe, one lr each (best of 3 on val), mean ± std of 3 seeds; 2-core CPU", fontsize=8
     )
     figure.tight_layout()
-    common.save_figure(figure, "transfer.png")
+    _results.save_figure(figure, "transfer.png")
     plt.close(figure)
 
 

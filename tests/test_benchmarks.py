@@ -21,8 +21,12 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import _data  # noqa: E402
+import _models  # noqa: E402
+import _results  # noqa: E402
+import _timing  # noqa: E402
+import _training  # noqa: E402
 import calibration_speed  # noqa: E402
-import common  # noqa: E402
 import cost  # noqa: E402
 import prompt_init  # noqa: E402
 import quality  # noqa: E402
@@ -30,7 +34,7 @@ import scaling  # noqa: E402
 import top_blocks  # noqa: E402
 import transfer  # noqa: E402
 
-# The tiny models of `common`: hidden size 32, 2 blocks, LoRA/TOAST rank 8.
+# The tiny models of `_models`: hidden size 32, 2 blocks, LoRA/TOAST rank 8.
 D, L, R = 32, 2, 8
 
 
@@ -45,7 +49,7 @@ def test_quality_tiny_quick_writes_complete_results(tmp_path):
 
     assert set(results["tasks"]) == {"vision", "text"}
     for name, task in results["tasks"].items():
-        assert set(task["methods"]) == set(common.METHODS)
+        assert set(task["methods"]) == set(_models.METHODS)
         head = D * task_labels(name) + (task_labels(name) if name == "vision" else 0)  # LLaMA's `score` has no bias
         expected = {
             "toast": L * 2 * D * D + D + head,  # A_l, C_l (d x d) per block, the prompt, the head
@@ -83,14 +87,14 @@ def task_labels(name: str) -> int:
 def test_linear_probe_on_cached_features_equals_the_frozen_models_head(name):
     """Training the cached-feature probe is training the head of the frozen model: same logits for the same head."""
     sizes = {"train": 6, "val": 5, "test": 5}
-    task = common.vision_task(sizes=sizes, tiny=True) if name == "vision" else common.text_task(sizes=sizes, tiny=True)
+    task = _data.vision_task(sizes=sizes, tiny=True) if name == "vision" else _data.text_task(sizes=sizes, tiny=True)
     model = task.new_model().eval()
     split = task.splits["val"]
-    probe = common.LinearProbe(common.model_head(model))
+    probe = _training.LinearProbe(_training.model_head(model))
     with torch.no_grad():
         batch = split.batch(range(len(split)))
         expected = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
-        torch.testing.assert_close(probe(common.head_inputs(model, split)).logits, expected)
+        torch.testing.assert_close(probe(_training.head_inputs(model, split)).logits, expected)
     if name == "text":  # texts of different lengths: the padded ones must use their last real token
         assert len({len(ids) for ids in split.input_ids}) > 1
     cached = task.probe_splits()
@@ -100,9 +104,9 @@ def test_linear_probe_on_cached_features_equals_the_frozen_models_head(name):
 
 
 def test_head_parameters_get_the_head_learning_rate():
-    model = common.apply_method(common.load_image_classifier(None, 4, image_size=28, tiny=True), "lora")
+    model = _models.apply_method(_models.load_image_classifier(None, 4, image_size=28, tiny=True), "lora")
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    heads = [name for name in names if common.is_head_parameter(name)]
+    heads = [name for name in names if _training.is_head_parameter(name)]
     assert heads and all("classifier" in name for name in heads)
     assert all("lora_" in name for name in names if name not in heads)
 
@@ -113,10 +117,10 @@ def test_head_parameters_get_the_head_learning_rate():
         optimizers.append(original(*args, **kwargs))
         return optimizers[-1]
 
-    task = common.vision_task(sizes={"train": 8, "val": 4, "test": 4}, tiny=True)
+    task = _data.vision_task(sizes={"train": 8, "val": 4, "test": 4}, tiny=True)
     torch.optim.AdamW = recording_adamw
     try:
-        common.train(model, task.splits["train"], steps=1, batch_size=4, lr=1e-3, head_lr=5e-2, seed=0)
+        _training.train(model, task.splits["train"], steps=1, batch_size=4, lr=1e-3, head_lr=5e-2, seed=0)
     finally:
         torch.optim.AdamW = original
     (optimizer,) = optimizers
@@ -128,32 +132,32 @@ def test_head_parameters_get_the_head_learning_rate():
 
 
 def test_batch_order_is_seeded_and_covers_each_epoch():
-    first, again = common.batch_order(10, 5, 4, seed=3), common.batch_order(10, 5, 4, seed=3)
+    first, again = _training.batch_order(10, 5, 4, seed=3), _training.batch_order(10, 5, 4, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert [len(batch) for batch in first] == [4] * 5
     flat = torch.cat(first)
     assert sorted(flat[:10].tolist()) == list(range(10))  # the first epoch is a permutation
-    assert not all(torch.equal(a, b) for a, b in zip(first, common.batch_order(10, 5, 4, seed=4)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, _training.batch_order(10, 5, 4, seed=4)))
 
 
 def test_interleaved_timings_run_every_workload_each_round():
     calls = []
-    timings = common.interleaved_timings(
+    timings = _timing.interleaved_timings(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=2
     )
     assert calls == ["a", "b"] * 5
     assert {name: len(times) for name, times in timings.items()} == {"a": 3, "b": 3}
-    assert common.median([3.0, 1.0, 2.0]) == 2.0 and common.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    assert _timing.median([3.0, 1.0, 2.0]) == 2.0 and _timing.median([4.0, 1.0, 2.0, 3.0]) == 2.5
 
 
 def test_peak_rss_reset_sees_a_transient_allocation():
     """The CPU memory measurement: after the reset, the high-water mark includes a freed 256 MiB allocation."""
-    before = common._rss_kib("VmRSS")
-    common._reset_peak_rss()
-    assert common._rss_kib("VmHWM") <= before + 4 * 1024
+    before = _timing._rss_kib("VmRSS")
+    _timing._reset_peak_rss()
+    assert _timing._rss_kib("VmHWM") <= before + 4 * 1024
     block = torch.ones(64 * 2**20)  # 256 MiB, touched
     del block
-    added_mib = (common._rss_kib("VmHWM") - before) / 1024
+    added_mib = (_timing._rss_kib("VmHWM") - before) / 1024
     assert 240 <= added_mib <= 300
 
 
@@ -170,7 +174,7 @@ def test_cost_tiny_quick_reports_times_and_ratios(tmp_path):
         for entry in kinds.values():
             for method, times in entry["seconds"].items():
                 assert len(times) == results["settings"]["repeats"]
-                assert entry["median_seconds"][method] == common.median(times)
+                assert entry["median_seconds"][method] == _timing.median(times)
         ratios = family["ratios"]
         assert ratios["train_time_vs_lora"] == pytest.approx(
             kinds["train"]["median_seconds"]["toast"] / kinds["train"]["median_seconds"]["lora"]
@@ -281,10 +285,10 @@ def test_quality_rerun_of_one_method_merges_into_an_earlier_run(tmp_path):
 def test_docs_sections_are_replaced_between_their_markers(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("intro\n<!-- BEGIN table -->\nold\n<!-- END table -->\noutro\n")
-    common.update_docs_section("table", "| new |", path=page)
+    _results.update_docs_section("table", "| new |", path=page)
     assert page.read_text() == "intro\n<!-- BEGIN table -->\n| new |\n<!-- END table -->\noutro\n"
     with pytest.raises(ValueError, match="BEGIN other"):
-        common.update_docs_section("other", "x", path=page)
+        _results.update_docs_section("other", "x", path=page)
 
 
 # ------------------------------------------------------------------------------------------------------- transfer
@@ -321,7 +325,7 @@ def test_transfer_src_method_starts_from_the_source_adapter_and_the_probe_head()
     for name, tensor in source.items():
         torch.testing.assert_close(tensors[name], tensor)
     torch.testing.assert_close(
-        common.model_head(model.base_model.model).modules_to_save["default"].weight, head["weight"]
+        _training.model_head(model.base_model.model).modules_to_save["default"].weight, head["weight"]
     )
 
 
@@ -357,7 +361,7 @@ def test_initial_gate_shares_weight_the_gates_by_target_coverage():
     task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
     test = task.splits["test"]
     model = transfer.get_peft_model(task.new_model(), transfer.ToastConfig()).eval()
-    first = common.batch_order(len(task.splits["train"]), 1, 8, seed=0)[0]
+    first = _training.batch_order(len(task.splits["train"]), 1, 8, seed=0)[0]
     model.initialise_prompt(pixel_values=task.splits["train"].pixel_values[first])
     with torch.no_grad():
         gates = model.base_model.toast_selection(pixel_values=test.pixel_values)  # (N, T)

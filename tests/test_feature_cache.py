@@ -393,7 +393,7 @@ def test_benchmark_tiny_run_writes_consistent_results(tmp_path):
     results = json.loads(output.read_text())
     configs = results["configs"]
     assert list(configs) == ["toast", "toast-cached", "toast-r8-cached", "lora"]
-    d, blocks, head = 32, 2, 32 * 10 + 10  # the tiny ViT of benchmarks/common.py, 10 classes
+    d, blocks, head = 32, 2, 32 * 10 + 10  # the tiny ViT of benchmarks/_models.py, 10 classes
     assert configs["toast"]["trainable_parameters"] == blocks * 2 * d * d + d + head  # A_l, C_l, prompt, head
     assert configs["toast-r8-cached"]["trainable_parameters"] == blocks * 2 * 2 * d * 8 + d + head
     # Skipping pass 1 removes exactly its forward: the cached step has fewer FLOPs than the uncached one.

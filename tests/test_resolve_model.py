@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import common  # noqa: E402
+import _models  # noqa: E402
 import example_utils  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def test_command_line_examples_and_benchmarks_use_the_resolver(converters):
     assert example_utils.image_model_path(None) == "/cache/dinov2-112"
     assert example_utils.causal_lm_path(None) == "/cache/smollm2"
     assert example_utils.causal_lm_path("gpt2") == "gpt2"
-    assert common.vision_model_path(None, 56) == "/cache/dinov2-56"
-    assert common.vision_model_path("minilm", 56) == "/cache/minilm"
-    assert common.text_model_path(None) == "/cache/smollm2"
-    assert common.text_model_path("gpt2") == "gpt2"
+    assert _models.vision_model_path(None, 56) == "/cache/dinov2-56"
+    assert _models.vision_model_path("minilm", 56) == "/cache/minilm"
+    assert _models.text_model_path(None) == "/cache/smollm2"
+    assert _models.text_model_path("gpt2") == "gpt2"

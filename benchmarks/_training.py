@@ -1,0 +1,161 @@
+"""How the benchmarks train and evaluate: the linear probe (a model's head on its frozen head inputs), the seeded
+batch order, the warm-up + cosine schedule, the training loop `train` (with its own learning rate for the task head)
+and `accuracy`."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Optional
+
+import common  # noqa: F401, I001  (first: it sets the OpenMP wait policy before torch loads)
+import torch
+from _models import HEAD_NAMES
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+if TYPE_CHECKING:
+    from _data import Split
+
+
+# ---------------------------------------------------------------------------------------------- linear probe
+
+
+def model_head(model: nn.Module) -> nn.Module:
+    """The classification head (`classifier` or `score`) of a transformers model."""
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ValueError(f"{type(model).__name__} has no `classifier` or `score` head to probe.")
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, split: Split, batch_size: int = 64) -> torch.Tensor:
+    """What the frozen `model` feeds its head for each example of `split`, `(N, d)`.
+
+    A decoder's sequence-classification head reads every position and the model keeps the logits of the last token
+    that is not padding; with right padding (and no padding token inside a text) that is position `length - 1`.
+    """
+    captured = []
+    handle = model_head(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    model.eval()
+    rows = []
+    try:
+        for start in tqdm(range(0, len(split), batch_size), desc="frozen features", leave=False):
+            batch = split.batch(range(start, min(start + batch_size, len(split))))
+            model(**{key: value for key, value in batch.items() if key != "labels"})
+            features = captured.pop()  # (B, d), or (B, T, d) for a decoder
+            if features.dim() == 3:
+                last = batch["attention_mask"].sum(-1) - 1  # (B,)
+                features = features[torch.arange(len(last)), last]
+            rows.append(features)
+    finally:
+        handle.remove()
+    return torch.cat(rows)  # (N, d)
+
+
+class LinearProbe(nn.Module):
+    """A model's head alone, on cached head inputs (`Split.features`).
+
+    Training it is exactly training the head of the frozen model (the backbone is deterministic: no dropout, no
+    augmentation), without running the backbone at every step.
+    """
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor, labels: Optional[torch.Tensor] = None) -> SequenceClassifierOutput:
+        logits = self.head(features)  # (B, num_labels)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+
+def batch_order(num_examples: int, steps: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """Index batches for `steps` steps: a fresh seeded permutation every epoch, so every method sees the same data."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat(
+        [
+            torch.randperm(num_examples, generator=generator)
+            for _ in range(math.ceil(steps * batch_size / num_examples))
+        ]
+    )
+    return [order[step * batch_size : (step + 1) * batch_size] for step in range(steps)]
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float = 0.1):
+    """Linear warm-up over the first `warmup_fraction` of the steps, then cosine decay to zero.
+
+    Kept instead of `transformers.get_cosine_schedule_with_warmup`, which differs at every warm-up step (measured for
+    1 to 400 steps; the cosine part is identical): it gives step s the factor s / warmup, so the first step runs at
+    lr 0 (a one-step run does not train) and the peak comes a step later; here step s gets (s + 1) / warmup. Every
+    result in docs/benchmarks.md and benchmarks/results/ was trained with this schedule, and sweeps are extended by
+    new runs merged with earlier ones.
+    """
+    warmup = max(1, int(steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def is_head_parameter(name: str) -> bool:
+    return any(f"{head}." in f".{name}" for head in HEAD_NAMES)
+
+
+def train(
+    model: nn.Module,
+    split: Split,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    head_lr: Optional[float] = None,
+    desc: str = "training",
+) -> list[float]:
+    """AdamW (no weight decay), warm-up + cosine schedule, gradient clipping at 1.0; returns the training losses.
+
+    `lr` applies to the method's own parameters and `head_lr` (default: `lr`) to the task head's.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    parameters = [p for _, p in named]
+    groups = [
+        {"params": [p for name, p in named if not is_head_parameter(name)], "lr": lr},
+        {"params": [p for name, p in named if is_head_parameter(name)], "lr": lr if head_lr is None else head_lr},
+    ]
+    optimizer = torch.optim.AdamW([group for group in groups if group["params"]], weight_decay=0.0)
+    scheduler = warmup_cosine(optimizer, steps)
+    model.train()
+    losses = []
+    with tqdm(batch_order(len(split), steps, batch_size, seed), desc=desc, leave=False) as progress:
+        for indices in progress:
+            loss = model(**split.batch(indices)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    if not all(math.isfinite(loss) for loss in losses):
+        raise FloatingPointError(f"{desc}: the training loss became NaN/inf at lr={lr}; lower the learning rate.")
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split, batch_size: int = 64) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        batch = split.batch(range(start, min(start + batch_size, len(split))))
+        labels = batch.pop("labels")
+        correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
+    return correct / len(split)
