@@ -74,6 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--no-shuffle", action="store_true", help="Visit the training data in order.")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Blocks that receive a signal (`layers_to_transform`; negative from the top, e.g. -3 -2 -1): pass 2 then "
+        "starts at the lowest of them. Default: every block.",
+    )
     parser.add_argument("--save-steps", type=int, default=20, help="Write a checkpoint every this many steps.")
     add_seed_and_resume_arguments(parser)
     return parser.parse_args(argv)
@@ -155,7 +163,9 @@ def main(argv=None) -> dict:
             args.image_column,
             args.label_column,
         )
-        model = get_peft_model(load_image_classifier(args.model, label_names), ToastConfig())
+        model = get_peft_model(
+            load_image_classifier(args.model, label_names), ToastConfig(layers_to_transform=args.layers)
+        )
     # The prompt's start: the mean direction of these images' tokens (every process calls it: it sums over them).
     initialise_prompt(model, train)
     if accelerator.is_main_process:

@@ -137,11 +137,16 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, tiny_vit_dir, tiny_image_dataset_dir):
+@pytest.mark.parametrize("layers", [None, "-1"], ids=["every-block", "top-block"])
+def test_two_processes_match_one_process_on_the_same_global_batches(
+    tmp_path, tiny_vit_dir, tiny_image_dataset_dir, layers
+):
     """DDP on 2 CPU processes (gloo, localhost) with batches of 2 each against 1 process with batches of 4: the seeded
-    sampler gives both the same global batches, so the adapters agree up to the order of float sums."""
+    sampler gives both the same global batches, so the adapters agree up to the order of float sums. Also with only
+    the top block steered, where pass 2 starts at that block (`share_lower_blocks`)."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    arguments = accelerate_args(tiny_vit_dir, tiny_image_dataset_dir, max_steps=8, save_steps=4)
+    extra = {} if layers is None else {"layers": layers}
+    arguments = accelerate_args(tiny_vit_dir, tiny_image_dataset_dir, max_steps=8, save_steps=4, **extra)
     # `accelerate launch --cpu --num_processes 2` would start a single process (its CPU launcher expects MPI); the
     # multi-process launcher (torchrun) with the script's --cpu gives DDP over gloo, on any machine.
     launch = [
