@@ -124,6 +124,13 @@ def train(
     """AdamW (no weight decay), warm-up + cosine schedule, gradient clipping at 1.0; returns the training losses.
 
     `lr` applies to the method's own parameters and `head_lr` (default: `lr`) to the task head's.
+
+    A plain loop rather than `transformers.Trainer`, on purpose: every method of a comparison must see the same batches
+    in the same order (`batch_order`, seeded per run) with the same schedule (`warmup_cosine`, see there), on splits
+    that are tensors in memory (cached head inputs, cached pass-1 features) rather than `datasets`; Trainer would
+    reseed the process at construction (`set_seed(args.seed)`), shuffle with its own sampler and bring its own
+    schedule. The library's users train with Trainer or Accelerate (`examples/`, tested in `tests/test_trainer.py` and
+    `tests/test_accelerate.py`); this loop only has to be identical for every method.
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     parameters = [p for _, p in named]

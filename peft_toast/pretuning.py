@@ -66,6 +66,11 @@ def pretune_top_down(
     `output.loss` is the task loss (if the batches carry labels) plus `variational_loss_weight` times the variational
     loss, so the adapter's config must have `variational_loss_weight > 0` unless the batches have labels.
     """
+    # A small loop rather than `transformers.Trainer` (which trains the same objective just as well, see
+    # docs/initialisation.md): the wall-time budget (to compare with `calibrate_feedback` at equal time) is one line
+    # here and a callback there, and a library function must not have Trainer's side effects: its constructor reseeds
+    # the process's global random generators (`set_seed(args.seed)`), and it needs an output folder and moves the model
+    # to its own device.
     if max_steps is None and max_seconds is None:
         raise ValueError("Give `pretune_top_down` a budget: `max_steps`, `max_seconds` or both.")
     parameters = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
