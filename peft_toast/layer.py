@@ -110,9 +110,12 @@ class ToastLayer(nn.Module, BaseTunerLayer):
 
 
 def value_input_features(base_layer: nn.Module) -> int:
-    """The hidden size `d` that a value projection reads (transformers' Conv1D stores its weight as `(d, out)`)."""
-    weight = base_layer.weight
-    return weight.shape[1] if isinstance(base_layer, nn.Linear) else weight.shape[0]
+    """The hidden size `d` that a value projection reads: `in_features` of a linear layer (also of a quantized one,
+    whose packed weight has another shape, e.g. bitsandbytes' 4-bit `(d * out / 2, 1)`); transformers' Conv1D stores
+    its weight as `(d, out)`."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features
+    return base_layer.weight.shape[0]
 
 
 _NO_MERGE = (

@@ -128,6 +128,13 @@ class ToastModel(BaseTuner):
             value_index = None
             if layout:
                 base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+                if not base.weight.dtype.is_floating_point:
+                    raise ValueError(
+                        f"`{current_key}` is a fused query/key/value projection with quantized weights "
+                        f"({type(base).__name__}, {base.weight.dtype}): TOAST adds `W_v t` with the value rows of the "
+                        f"weight, which a packed 4-/8-bit weight does not expose. Keep these projections in full "
+                        f"precision, e.g. `BitsAndBytesConfig(..., llm_int8_skip_modules=['{target_name}'])`."
+                    )
                 out_features = base.weight.shape[0 if isinstance(base, nn.Linear) else 1]
                 value_index = fused_value_index(self.model.config, layout, out_features)
             new_module = ToastLayer(target, block_index, value_index=value_index)

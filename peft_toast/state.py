@@ -96,7 +96,12 @@ def checkpoint_with_signals(checkpoint_fn: Callable) -> Callable:
         if state is None or not state.signals:
             return checkpoint_fn(function, *args, **kwargs)
         keywords = {**getattr(checkpoint_fn, "keywords", {}), **kwargs}
-        if keywords.get("use_reentrant", False):
+        if keywords.get("use_reentrant") is None:
+            # Unset (e.g. `prepare_model_for_kbit_training`'s default `gradient_checkpointing_kwargs={}`): torch would
+            # pick the reentrant variant, which cannot route the signal's gradient; the non-reentrant one gives the
+            # same gradients (transformers' own default).
+            kwargs["use_reentrant"] = False
+        elif keywords["use_reentrant"]:
             raise ValueError(
                 "TOAST does not support reentrant gradient checkpointing: the top-down signal is not an explicit input "
                 "of the checkpointed block, so reentrant recomputation cannot route its gradient. Use "
