@@ -228,7 +228,8 @@ def add_rounds_arguments(parser: argparse.ArgumentParser, *, repeats_help: str, 
 
 def start(args: argparse.Namespace, write_docs: Callable[[dict], None]) -> Optional[dict]:
     """With `--from-json`: rewrite the docs from that results file and return its results. Otherwise set the run up
-    (`common.setup`; `--repeats` defaults to 5 rounds, 3 with --quick or --tiny) and return None."""
+    (`common.setup`; `--repeats` defaults to 5 rounds, 3 with --quick or --tiny; --tiny warms up for one round at
+    most) and return None."""
     if args.from_json:
         results = json.loads(args.from_json.read_text())
         write_docs(results)
@@ -236,6 +237,8 @@ def start(args: argparse.Namespace, write_docs: Callable[[dict], None]) -> Optio
     common.setup(args)
     if args.repeats is None:
         args.repeats = 3 if (args.quick or args.tiny) else 5
+    if args.tiny:  # tiny models: one warm-up round is enough
+        args.warmup = min(args.warmup, 1)
     return None
 
 

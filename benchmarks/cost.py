@@ -203,8 +203,6 @@ def main(argv=None) -> dict:
     stored = _timing.start(args, write_docs)
     if stored is not None:
         return stored
-    if args.tiny:
-        args.warmup = min(args.warmup, 1)
     if args.profile:
         for family in args.families:
             profile_family(args, family)

@@ -121,8 +121,6 @@ def main(argv=None) -> dict:
     stored = _timing.start(args, write_docs)
     if stored is not None:
         return stored
-    if args.tiny:
-        args.warmup = min(args.warmup, 1)
     results = {
         **_timing.results_header("top_blocks", argv),
         "settings": {"repeats": args.repeats, "warmup": args.warmup, "tiny": args.tiny, "quick": args.quick},
