@@ -160,6 +160,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--source-steps", type=int, default=300, help="Steps of the source stage (default 300).")
     parser.add_argument("--from-json", type=Path, nargs="+", help="Regenerate the docs from results files only.")
+    parser.add_argument(
+        "--assemble",
+        type=Path,
+        help="With --from-json: files of the same protocol that extend each other's sweeps (a learning rate past the "
+        "edge, the other seeds at a new best rate) become one results file, written here (the docs are not touched): "
+        "per method, the sweep is every seed-0 rate of all files, the best rate is chosen again on validation, and the "
+        "seeds at that rate are the runs.",
+    )
     return parser.parse_args(argv)
 
 
@@ -629,9 +637,57 @@ def merge_results(paths) -> dict:
     return results
 
 
+def assemble_results(paths) -> dict:
+    """One results file from several runs of the same protocol that extend each other (see `--assemble`): for each task,
+    budget and method, the union of the seed-0 sweeps, the best rate chosen on validation again (the lowest rate wins a
+    tie, as in a single run, which sweeps upwards), and as runs every seed scored on the test split at that rate (a later
+    file's run replaces an earlier one of the same seed and rate)."""
+    files = [json.loads(Path(path).read_text()) for path in paths]
+    results = {
+        "benchmark": "transfer",
+        "command": [data["command"] for data in files],
+        "assembled_from": [str(path) for path in paths],
+        "machine": files[-1].get("machine"),
+        "tasks": {},
+    }
+    for data in files:
+        for name, task in data["tasks"].items():
+            target = results["tasks"].setdefault(name, {**task, "budgets": {}})
+            for steps, methods in task["budgets"].items():
+                budget = target["budgets"].setdefault(steps, {})
+                for method, record in methods.items():
+                    merged = budget.setdefault(method, {**record, "sweep": [], "runs": []})
+                    sweep = {run["lr"]: run for run in merged["sweep"]}
+                    sweep.update({run["lr"]: run for run in record.get("sweep", []) if run["seed"] == 0})
+                    merged["sweep"] = [sweep[lr] for lr in sorted(sweep)]
+                    runs = {(run["seed"], run["lr"]): run for run in merged["runs"]}
+                    runs.update(
+                        {(run["seed"], run["lr"]): run for run in record.get("runs", []) if "test_accuracy" in run}
+                    )
+                    merged["runs"] = list(runs.values())
+    for task in results["tasks"].values():
+        for methods in task["budgets"].values():
+            for record in methods.values():
+                if record["sweep"]:
+                    best = max(record["sweep"], key=lambda run: (run["val_accuracy"], -run["lr"]))
+                    record["best_lr"] = best["lr"]
+                runs = sorted(
+                    (run for run in record["runs"] if run["lr"] == record["best_lr"]), key=lambda r: r["seed"]
+                )
+                record["runs"] = runs
+                accuracies = [run["test_accuracy"] for run in runs]
+                record["test_accuracy_mean"] = statistics.mean(accuracies)
+                record["test_accuracy_std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    return results
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.from_json:
+        if args.assemble:  # a results file only: the docs come from the command that lists every file
+            results = assemble_results(args.from_json)
+            _results.write_json(args.assemble, results)
+            return results
         results = merge_results(args.from_json)
         write_docs(results)
         return results

@@ -442,3 +442,32 @@ def test_transfer_merge_keeps_the_finished_seeds_of_a_stopped_run(tmp_path):
     assert list(merged) == ["lora"] and [run["seed"] for run in merged["lora"]["runs"]] == [0, 1]
     assert merged["lora"]["test_accuracy_mean"] == pytest.approx(0.65)
     assert merged["lora"]["test_accuracy_std"] == pytest.approx(0.0707, abs=1e-4)
+
+
+def test_transfer_assemble_extends_a_sweep_past_its_edge_and_rechooses_on_validation(tmp_path):
+    def run(seed, lr, val=None, test=None):
+        return {"seed": seed, "lr": lr, **({"val_accuracy": val} if val is not None else {}),
+                **({"test_accuracy": test} if test is not None else {})}  # fmt: skip
+
+    def results_file(name, method_record):
+        path = tmp_path / name
+        budgets = {"400": {"toast-top3": {"label": "x", **method_record}}}
+        path.write_text(json.dumps({"command": name, "tasks": {"fmnist": {"budgets": budgets}}}))
+        return path
+
+    first = results_file(  # sweep 3e-4 / 1e-3: best 1e-3 (an edge), seeds 1 and 2 there
+        "first.json",
+        {"sweep": [run(0, 3e-4, 0.80), run(0, 1e-3, 0.85)],
+         "runs": [run(0, 1e-3, 0.85, 0.78), run(1, 1e-3, test=0.79), run(2, 1e-3, test=0.80)]},
+    )  # fmt: skip
+    edge = results_file("edge.json", {"sweep": [run(0, 3e-3, 0.86)], "runs": [run(0, 3e-3, 0.86, 0.70)]})
+    seeds = results_file(
+        "seeds.json", {"sweep": [run(1, 3e-3, 0.90)], "runs": [run(1, 3e-3, 0.90, 0.72), run(2, 3e-3, test=0.74)]}
+    )
+    output = tmp_path / "assembled.json"
+    transfer.main(["--from-json", str(first), str(edge), str(seeds), "--assemble", str(output)])
+    record = json.loads(output.read_text())["tasks"]["fmnist"]["budgets"]["400"]["toast-top3"]
+    assert [r["lr"] for r in record["sweep"]] == [3e-4, 1e-3, 3e-3]  # seed 1's "sweep" is not a seed-0 sweep point
+    assert record["best_lr"] == 3e-3
+    assert [(r["seed"], r["test_accuracy"]) for r in record["runs"]] == [(0, 0.70), (1, 0.72), (2, 0.74)]
+    assert record["test_accuracy_mean"] == pytest.approx(0.72)
