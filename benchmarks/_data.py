@@ -1,6 +1,7 @@
 """The tasks of the benchmarks: a `Split` (one preprocessed split: images, token ids or a frozen model's head inputs)
 and a `Task` (a way to make a fresh model and its train/val/test splits), built from Fashion-MNIST on DINOv2-S
-(`vision_task`), tweet sentiment on SmolLM2-135M (`text_task`), or synthetic data for the tiny models of `--tiny`."""
+(`vision_task`), tweet sentiment on SmolLM2-135M (`text_task`), or synthetic data for the tiny models of `--tiny`; and
+`head_inputs`, the split a linear probe trains on (what the frozen model feeds its head)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ from typing import Optional
 
 import common  # noqa: F401, I001  (first: it sets the OpenMP wait policy before torch loads)
 import torch
-from _models import _tiny_llama_config, load_image_classifier, load_text_classifier, text_model_path, vision_model_path
-from _training import head_inputs
+from _models import (
+    _tiny_llama_config,
+    load_image_classifier,
+    load_text_classifier,
+    model_head,
+    text_model_path,
+    vision_model_path,
+)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -183,3 +190,28 @@ def _synthetic_text_task(sizes: dict[str, int]) -> Task:
         new_model=lambda: load_text_classifier(None, 2, 0, tiny=True),
         splits=splits,
     )
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, split: Split, batch_size: int = 64) -> torch.Tensor:
+    """What the frozen `model` feeds its head for each example of `split`, `(N, d)`.
+
+    A decoder's sequence-classification head reads every position and the model keeps the logits of the last token
+    that is not padding; with right padding (and no padding token inside a text) that is position `length - 1`.
+    """
+    captured = []
+    handle = model_head(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    model.eval()
+    rows = []
+    try:
+        for start in tqdm(range(0, len(split), batch_size), desc="frozen features", leave=False):
+            batch = split.batch(range(start, min(start + batch_size, len(split))))
+            model(**{key: value for key, value in batch.items() if key != "labels"})
+            features = captured.pop()  # (B, d), or (B, T, d) for a decoder
+            if features.dim() == 3:
+                last = batch["attention_mask"].sum(-1) - 1  # (B,)
+                features = features[torch.arange(len(last)), last]
+            rows.append(features)
+    finally:
+        handle.remove()
+    return torch.cat(rows)  # (N, d)

@@ -1,7 +1,7 @@
 """The models of the benchmarks and the methods that train them: the tiny random configurations of `--tiny`, the
 paths of the offline default models, loading an image classifier, a text classifier or a causal LM, and `apply_method`,
 which makes a model train the way a method does (with the methods, their labels and configurations, the LoRA rank and
-the names of the task heads), and counting trainable parameters."""
+the names of the task heads), counting trainable parameters and finding the task head (`model_head`)."""
 
 from __future__ import annotations
 
@@ -151,3 +151,12 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_head(model: nn.Module) -> nn.Module:
+    """The classification head (`classifier` or `score`) of a transformers model."""
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ValueError(f"{type(model).__name__} has no `classifier` or `score` head to probe.")

@@ -5,54 +5,17 @@ and `accuracy`."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import common  # noqa: F401, I001  (first: it sets the OpenMP wait policy before torch loads)
 import torch
+from _data import Split
 from _models import HEAD_NAMES
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-if TYPE_CHECKING:
-    from _data import Split
-
-
 # ---------------------------------------------------------------------------------------------- linear probe
-
-
-def model_head(model: nn.Module) -> nn.Module:
-    """The classification head (`classifier` or `score`) of a transformers model."""
-    for name in HEAD_NAMES:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    raise ValueError(f"{type(model).__name__} has no `classifier` or `score` head to probe.")
-
-
-@torch.no_grad()
-def head_inputs(model: nn.Module, split: Split, batch_size: int = 64) -> torch.Tensor:
-    """What the frozen `model` feeds its head for each example of `split`, `(N, d)`.
-
-    A decoder's sequence-classification head reads every position and the model keeps the logits of the last token
-    that is not padding; with right padding (and no padding token inside a text) that is position `length - 1`.
-    """
-    captured = []
-    handle = model_head(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    model.eval()
-    rows = []
-    try:
-        for start in tqdm(range(0, len(split), batch_size), desc="frozen features", leave=False):
-            batch = split.batch(range(start, min(start + batch_size, len(split))))
-            model(**{key: value for key, value in batch.items() if key != "labels"})
-            features = captured.pop()  # (B, d), or (B, T, d) for a decoder
-            if features.dim() == 3:
-                last = batch["attention_mask"].sum(-1) - 1  # (B,)
-                features = features[torch.arange(len(last)), last]
-            rows.append(features)
-    finally:
-        handle.remove()
-    return torch.cat(rows)  # (N, d)
 
 
 class LinearProbe(nn.Module):

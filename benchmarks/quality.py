@@ -122,7 +122,7 @@ def train_once(task: _data.Task, method: str, lr: float, seed: int, settings: di
     torch.manual_seed(seed)  # the head (and the adapter's random parts) start from this seed
     model = task.new_model()
     if method == "linear":
-        model, splits = _training.LinearProbe(_training.model_head(model)), task.probe_splits()
+        model, splits = _training.LinearProbe(_models.model_head(model)), task.probe_splits()
     else:
         model, splits = _models.apply_method(model, method), task.splits
     start = time.perf_counter()

@@ -359,7 +359,7 @@ def cache_pass1_features(task: _data.Task, batch_size: int = 64) -> None:
 def probe_head(task: _data.Task, lr: float, seed: int) -> tuple[dict, float]:
     """Train the linear probe (the frozen model's head on cached head inputs); its state dict and val accuracy."""
     torch.manual_seed(seed)
-    probe = _training.LinearProbe(_training.model_head(task.new_model()))
+    probe = _training.LinearProbe(_models.model_head(task.new_model()))
     splits = task.probe_splits()
     _training.train(probe, splits["train"], steps=PROBE_STEPS, batch_size=64, lr=lr, seed=seed, desc="probe")
     return {key: value.clone() for key, value in probe.head.state_dict().items()}, _training.accuracy(
@@ -373,7 +373,7 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
     torch.manual_seed(seed)
     model = task.new_model()
     if head is not None:
-        _training.model_head(model).load_state_dict(head)
+        _models.model_head(model).load_state_dict(head)
     if method in TOAST_CONFIGS:
         config = dict(TOAST_CONFIGS[method])
         if "layers_to_transform" in config:  # the tiny models have fewer blocks than "top 6"
@@ -570,7 +570,7 @@ def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, so
                 probe_splits = task.probe_splits()
                 for seed in args.seeds:
                     torch.manual_seed(seed)
-                    probe = _training.LinearProbe(_training.model_head(task.new_model()))
+                    probe = _training.LinearProbe(_models.model_head(task.new_model()))
                     probe.head.load_state_dict(probe_head(task, best_probe, seed)[0])
                     accuracy = _training.accuracy(probe, probe_splits["test"])
                     record["runs"].append({"seed": seed, "lr": best_probe, "test_accuracy": accuracy})

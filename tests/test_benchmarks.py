@@ -90,11 +90,11 @@ def test_linear_probe_on_cached_features_equals_the_frozen_models_head(name):
     task = _data.vision_task(sizes=sizes, tiny=True) if name == "vision" else _data.text_task(sizes=sizes, tiny=True)
     model = task.new_model().eval()
     split = task.splits["val"]
-    probe = _training.LinearProbe(_training.model_head(model))
+    probe = _training.LinearProbe(_models.model_head(model))
     with torch.no_grad():
         batch = split.batch(range(len(split)))
         expected = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
-        torch.testing.assert_close(probe(_training.head_inputs(model, split)).logits, expected)
+        torch.testing.assert_close(probe(_data.head_inputs(model, split)).logits, expected)
     if name == "text":  # texts of different lengths: the padded ones must use their last real token
         assert len({len(ids) for ids in split.input_ids}) > 1
     cached = task.probe_splits()
@@ -325,7 +325,7 @@ def test_transfer_src_method_starts_from_the_source_adapter_and_the_probe_head()
     for name, tensor in source.items():
         torch.testing.assert_close(tensors[name], tensor)
     torch.testing.assert_close(
-        _training.model_head(model.base_model.model).modules_to_save["default"].weight, head["weight"]
+        _models.model_head(model.base_model.model).modules_to_save["default"].weight, head["weight"]
     )
 
 
