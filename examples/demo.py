@@ -51,7 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of TOAST (and its head).")
     parser.add_argument("--probe-lr", type=float, default=1e-2, help="AdamW learning rate of the linear probe.")
-    parser.add_argument("--output-dir", default="toast-fashion-mnist", help="Where the TOAST adapter is saved.")
+    parser.add_argument(
+        "--output-dir",
+        default="outputs/toast-fashion-mnist",
+        help="Where the TOAST adapter is saved (outputs/ is git-ignored).",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
