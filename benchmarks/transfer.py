@@ -54,10 +54,11 @@ from PIL import Image
 
 from peft_toast import ToastConfig
 from peft_toast.cli import script_parser
+from peft_toast.state import CallState
 
 METHODS = (
     "linear", "lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-fast", "toast-r8", "toast-lite",
-    "toast-contrast", "toast-oracle", "toast-top3", "toast-top6",
+    "toast-contrast", "toast-oracle", "toast-top3", "toast-top6", "toast-top3-src",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -73,6 +74,7 @@ LABELS = {
     "toast-oracle": "TOAST, prompt from the target boxes (diagnostic)",
     "toast-top3": "TOAST, top 3 blocks steered",
     "toast-top6": "TOAST, top 6 blocks steered",
+    "toast-top3-src": "TOAST, top 3 blocks, source pre-tuned",
 }
 TOAST_CONFIGS = {
     "toast": {},
@@ -86,7 +88,10 @@ TOAST_CONFIGS = {
     # Only the top blocks steered (pass 2 starts there: `share_lower_blocks`); negative indices fit any depth.
     "toast-top3": {"layers_to_transform": [-3, -2, -1]},
     "toast-top6": {"layers_to_transform": [-6, -5, -4, -3, -2, -1]},
-    "toast-pretune": {"variational_loss_weight": 0.1},  # the source stage of "toast-src"
+    "toast-top3-src": {"layers_to_transform": [-3, -2, -1]},
+    # The source stages of "toast-src" and "toast-top3-src".
+    "toast-pretune": {"variational_loss_weight": 0.1},
+    "toast-top3-pretune": {"layers_to_transform": [-3, -2, -1], "variational_loss_weight": 0.1},
 }
 # Prompt norms set after initialising the prompt from training images: Adam turns a prompt by about lr / |p| radians
 # per step, so the data prompt of norm sqrt(d) (~20 on DINOv2-S) barely turns in a few hundred steps at 1e-4.
@@ -96,7 +101,11 @@ PROMPT_NORMS = {"toast-fast": 1.0}
 # alone can do, never a method.
 PROMPT_DIRECTIONS = ("toast-contrast", "toast-oracle")
 # Methods that start from a source stage (`--source-classes`), and the method that makes it.
-SOURCE_OF = {"lora-src": "lora", "toast-src": "toast"}
+SOURCE_OF = {"lora-src": "lora", "toast-src": "toast", "toast-top3-src": "toast-top3"}
+PRETUNE_CONFIG = {"toast": "toast-pretune", "toast-top3": "toast-top3-pretune"}
+# Learning rates of a source stage, the best on the source task's validation split kept; one value: the middle of the
+# method's range (as the first source runs did). Top-3 TOAST's best rates lie higher (3e-3 on clutter k = 4).
+SOURCE_LEARNING_RATES = {"toast-top3": (1e-3, 3e-3)}
 # One learning rate for the head and the adapter (the head starts at the probe); three values each, ~3x apart. Full-rank
 # TOAST on a decoder reads the pre-norm feature (token norms ~1,000 on SmolLM2): its range is 10x lower there, unless
 # `feature_norm="rms"` makes the fed-back tokens scale-free (that variant keeps the vision range everywhere).
@@ -114,6 +123,7 @@ LEARNING_RATES = {
 LEARNING_RATES["lora-src"] = LEARNING_RATES["lora"]
 LEARNING_RATES["toast-src"] = LEARNING_RATES["toast"]
 LEARNING_RATES["toast-top3"] = LEARNING_RATES["toast-top6"] = LEARNING_RATES["toast"]
+LEARNING_RATES["toast-top3-src"] = LEARNING_RATES["toast"]
 
 
 def learning_rates(method: str, task: _data.Task) -> tuple[float, ...]:
@@ -177,20 +187,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 @dataclass
 class CachedSplit(_data.Split):
     """A split whose batches may also carry the TOAST pass-1 features (`toast_features`, `(N, T, d)`), and the share of
-    each token that the target covers (`target`, `(N, T)`; the CLS token and padding 0)."""
+    each token that the target covers (`target`, `(N, T)`; the CLS token and padding 0). For methods that steer only the
+    top blocks, also the pass-1 hidden state entering block `b` (`toast_hidden[b]`, `(N, T, d)`), so that pass 2 starts
+    there (`ToastConfig.share_lower_blocks`) and a step runs only the steered blocks."""
 
     toast_features: Optional[torch.Tensor] = None
     target: Optional[torch.Tensor] = None
+    toast_hidden: Optional[dict] = None
     with_features: bool = False
+    hidden_block: Optional[int] = None
 
     def batch(self, indices):
         batch = super().batch(indices)
         if self.with_features and self.toast_features is not None:
-            batch["toast_features"] = self.toast_features[torch.as_tensor(indices)]
+            index = torch.as_tensor(indices)
+            batch["toast_features"] = self.toast_features[index]
+            if self.hidden_block is not None:
+                batch["toast_hidden"] = self.toast_hidden[self.hidden_block][index]
+                batch["toast_hidden_block"] = self.hidden_block
         return batch
 
-    def view(self, with_features: bool) -> CachedSplit:
-        return CachedSplit(**{**vars(self), "with_features": with_features})
+    def view(self, with_features: bool, hidden_block: Optional[int] = None) -> CachedSplit:
+        return CachedSplit(**{**vars(self), "with_features": with_features, "hidden_block": hidden_block})
 
 
 def load_mnist_digits() -> np.ndarray:
@@ -337,20 +355,40 @@ def _same_backbone_for_every_seed(task: _data.Task, kind: str) -> _data.Task:
 
 
 @torch.no_grad()
-def cache_pass1_features(task: _data.Task, batch_size: int = 64) -> None:
-    """Pass 1 of the frozen backbone for every image of every split, once (`toast_features` of each split). Texts are
-    padded per batch, so their features are not cached: TOAST runs both passes there."""
+def cache_pass1_features(task: _data.Task, methods=(), batch_size: int = 64) -> None:
+    """Pass 1 of the frozen backbone for every image of every split, once (`toast_features` of each split), and the
+    hidden state entering the lowest steered block of each of `methods` that steers only the top blocks
+    (`toast_hidden`). Texts are padded per batch, so their features are not cached: TOAST runs both passes there."""
     if task.kind != "image":
         return
     model = get_peft_model(task.new_model(), ToastConfig()).eval()
+    tuner = model.base_model
+    depth = task.depth = model.config.num_hidden_layers
+    blocks = sorted({block for block in map(lambda m: hidden_block(m, depth), methods) if block})
     for split in task.splits.values():
-        rows = []
+        if split.toast_features is not None and set(blocks) <= set(split.toast_hidden or {}):
+            continue
+        rows, hidden = [], {block: [] for block in blocks}
         for start in range(0, len(split), batch_size):
             batch = split.batch(range(start, min(start + batch_size, len(split))))
-            rows.append(
-                model.base_model.run_pass1(model.base_model.model, (), {"pixel_values": batch["pixel_values"]})
-            )
+            inputs = {"pixel_values": batch["pixel_values"]}
+            rows.append(tuner.run_pass1(tuner.model, (), inputs))
+            for block in blocks:  # the library's own path (`precompute_features(store_hidden=True)` does the same)
+                state = CallState(owner=tuner, shared_blocks=block)
+                tuner.run_pass1(tuner.model, (), inputs, state=state)
+                output = state.shared_output
+                hidden[block].append(output[0] if isinstance(output, tuple) else output)
         split.toast_features = torch.cat(rows)  # (N, T, d)
+        split.toast_hidden = {block: torch.cat(values) for block, values in hidden.items()}
+
+
+def hidden_block(method: str, depth: int) -> Optional[int]:
+    """The lowest block that `method` steers when it is not block 0 (pass 2 starts there), else None."""
+    layers = TOAST_CONFIGS.get(method, {}).get("layers_to_transform")
+    if not layers or not depth:
+        return None
+    lowest = min(index % depth for index in layers if index >= -depth)
+    return lowest or None
 
 
 # ------------------------------------------------------------------------------------------------------ methods
@@ -435,13 +473,22 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
     }
 
 
+def cached_view(task: _data.Task, split: str, method: str) -> CachedSplit:
+    """The split as `method` trains and scores on it: TOAST with its cached pass 1 (and the hidden state entering its
+    lowest steered block, if not 0), other methods on pixels."""
+    cached = task.splits[split]
+    block = hidden_block(method, getattr(task, "depth", 0))
+    if block not in (cached.toast_hidden or {}):
+        block = None  # not cached (a text task, or a method not announced to `cache_pass1_features`): every block
+    return cached.view(with_features=method in TOAST_CONFIGS, hidden_block=block)
+
+
 def train_and_score(task, method, lr, seed, steps, batch_size, head, splits_to_score, source=None):
     model = new_model(task, method, seed, head, source)
-    cached = method in TOAST_CONFIGS
     start = time.perf_counter()
     losses = _training.train(
         model,
-        task.splits["train"].view(with_features=cached),
+        cached_view(task, "train", method),
         steps=steps,
         batch_size=batch_size,
         lr=lr,
@@ -451,28 +498,37 @@ def train_and_score(task, method, lr, seed, steps, batch_size, head, splits_to_s
     record = {"seed": seed, "lr": lr, "final_loss": statistics.mean(losses[-5:])}
     record["train_seconds"] = time.perf_counter() - start
     for name in splits_to_score:
-        record[f"{name}_accuracy"] = _training.accuracy(model, task.splits[name].view(with_features=cached))
+        record[f"{name}_accuracy"] = _training.accuracy(model, cached_view(task, name, method))
     record["trainable_parameters"] = _models.trainable_parameters(model)
     return model, record
 
 
 def source_stage(kind: str, args: argparse.Namespace, clutter: int) -> tuple[dict, dict]:
-    """Train LoRA and TOAST on the source classes (`--source-classes`), each from the source probe's head at the middle
-    of its learning-rate range, for `--source-steps` steps; TOAST with `variational_loss_weight=0.1`, as the reference
-    pre-tunes. Returns the adapter tensors per `*-src` method, and a record of the stage."""
+    """Train the source stage of each requested `*-src` method (LoRA, TOAST, top-3 TOAST) on the source classes
+    (`--source-classes`), from the source probe's head, for `--source-steps` steps at each of its
+    `SOURCE_LEARNING_RATES` (default: the middle of its range), keeping the best on the source's validation split; TOAST
+    with `variational_loss_weight=0.1`, as the reference pre-tunes. Returns the adapter tensors per `*-src` method, and
+    a record of the stage."""
+    stages = {target: method for target, method in SOURCE_OF.items() if target in args.methods}
     task = image_task(kind, args, clutter, classes=args.source_classes)
-    cache_pass1_features(task)
+    stage_methods = {method: PRETUNE_CONFIG.get(method, method) for method in stages.values()}
+    cache_pass1_features(task, stage_methods.values())
     seed = args.seeds[0]
     lrs = LEARNING_RATES["linear"]
     probe_lr = max(lrs, key=lambda lr: probe_head(task, lr, seed)[1])
     head = probe_head(task, probe_lr, seed)[0]
     adapters, record = {}, {"task": task.description, "steps": args.source_steps, "probe_lr": probe_lr}
-    for target_method, method in SOURCE_OF.items():
-        lr = learning_rates(method, task)[1]
-        stage_method = "toast-pretune" if method == "toast" else method
-        model, run = train_and_score(task, stage_method, lr, seed, args.source_steps, args.batch_size, head, ["val"])
-        adapters[target_method] = adapter_tensors(model)
-        record[target_method] = run
+    for target_method, method in stages.items():
+        best = None
+        for lr in SOURCE_LEARNING_RATES.get(method, learning_rates(method, task)[1:2]):
+            model, run = train_and_score(
+                task, stage_methods[method], lr, seed, args.source_steps, args.batch_size, head, ["val"]
+            )
+            record.setdefault(f"{target_method} sweep", []).append(run)
+            if best is None or run["val_accuracy"] > best[1]["val_accuracy"]:
+                best = (model, run)
+        adapters[target_method] = adapter_tensors(best[0])
+        record[target_method] = best[1]
     return adapters, record
 
 
@@ -541,7 +597,7 @@ def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, so
     adapters = None
     if source is not None:
         adapters, entry["source_stage"] = source
-    cache_pass1_features(task)
+    cache_pass1_features(task, args.methods)
     # The *-src methods only where a source stage ran (image tasks with --source-classes).
     methods = [method for method in args.methods if method not in SOURCE_OF or adapters is not None]
     lrs_of = {m: learning_rates(m, task) for m in methods}
@@ -587,9 +643,7 @@ def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, so
                     if best is None or run["val_accuracy"] > best[1]["val_accuracy"]:
                         best = (model, run)
                 model, run = best
-                run["test_accuracy"] = _training.accuracy(
-                    model, task.splits["test"].view(with_features=method in TOAST_CONFIGS)
-                )
+                run["test_accuracy"] = _training.accuracy(model, cached_view(task, "test", method))
                 if task.splits["test"].target is not None:
                     run.update(target_shares(model, task.splits["test"], method))
                 record["best_lr"] = run["lr"]

@@ -296,14 +296,15 @@ def test_docs_sections_are_replaced_between_their_markers(tmp_path):
 
 def test_transfer_tiny_writes_complete_results_and_src_methods_start_from_the_source(tmp_path):
     output = tmp_path / "transfer.json"
-    methods = ["lora", "lora-src", "toast", "toast-src", "toast-rms"]
+    methods = ["lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-top3-src"]
     args = ["--tiny", "--threads", "1", "--tasks", "fmnist", "tweets", "--source-classes", "0", "1"]
     transfer.main([*args, "--methods", *methods, "--output", str(output)])
     results = json.loads(output.read_text())
     image, text = results["tasks"]["vision-23"], results["tasks"]["tweets"]
     assert set(image["budgets"]["4"]) == {"linear", *methods}
     assert set(text["budgets"]["4"]) == {"linear", "lora", "toast", "toast-rms"}  # no source stage for text
-    assert set(image["source_stage"]) >= {"lora-src", "toast-src"}
+    assert set(image["source_stage"]) >= {"lora-src", "toast-src", "toast-top3-src"}
+    assert [run["lr"] for run in image["source_stage"]["toast-top3-src sweep"]] == [1e-3, 3e-3]
     for task, kind in ((image, "image"), (text, "text")):
         for method, record in task["budgets"]["4"].items():
             assert [run["seed"] for run in record["runs"]] == [0, 1], method
@@ -327,6 +328,41 @@ def test_transfer_src_method_starts_from_the_source_adapter_and_the_probe_head()
     torch.testing.assert_close(
         _models.model_head(model.base_model.model).modules_to_save["default"].weight, head["weight"]
     )
+
+
+def test_transfer_top_block_methods_start_pass2_from_the_cached_hidden_state_exactly(monkeypatch):
+    args = transfer.parse_args(["--tiny"])
+    task = transfer.image_task("fmnist", args)
+    assert transfer.hidden_block("toast-top3-src", 12) == 9 and transfer.hidden_block("toast-top3-src", 3) is None
+    # The tiny ViT has 2 blocks: "top 3" steers them all, so steer the top one here.
+    monkeypatch.setitem(transfer.TOAST_CONFIGS, "toast-top3", {"layers_to_transform": [-1]})
+    transfer.cache_pass1_features(task, ["toast", "toast-top3"])
+    depth = task.depth
+    assert transfer.hidden_block("toast", depth) is None
+    assert transfer.hidden_block("toast-top3", depth) == depth - 1
+    model = transfer.new_model(task, "toast-top3", seed=0, head=None).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "toast_" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    view = transfer.cached_view(task, "val", "toast-top3")
+    batch = view.batch(range(4))
+    assert batch["toast_hidden_block"] == depth - 1 and batch["toast_hidden"].shape == batch["toast_features"].shape
+    calls = []
+    blocks = model.base_model.architecture.blocks
+    with torch.no_grad():
+        from_pixels = model(pixel_values=batch["pixel_values"]).logits  # (the blocks' output kind is learned here)
+        # (a shared block is still called, but returns pass 1's output without running its layers)
+        handle = blocks[0].attention.register_forward_hook(lambda *_: calls.append(1))
+        from_hidden = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        assert not calls  # pass 2 started at the top block: block 0's layers never ran
+        model(pixel_values=batch["pixel_values"])
+    handle.remove()
+    assert calls  # without the cache pass 1 runs block 0
+    torch.testing.assert_close(from_hidden, from_pixels, rtol=0, atol=1e-6)
+    with torch.no_grad(), model.disable_adapter():
+        frozen = model(pixel_values=batch["pixel_values"]).logits
+    assert not torch.allclose(from_pixels, frozen, atol=1e-4)  # the adapter does steer
 
 
 def get_toast_source(task) -> dict:
