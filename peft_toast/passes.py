@@ -22,7 +22,13 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .generation import CACHE_ARGUMENT_NAMES, attach_to_output, prepare_pass1_cache, refuse_toast_filled_cache
+from .generation import (
+    CACHE_ARGUMENT_NAMES,
+    attach_to_output,
+    prepare_pass1_cache,
+    refuse_toast_filled_cache,
+    share_lower_layers,
+)
 from .state import CallState, Pass1Done, current_state, use_state
 from .topdown import feedback_chain, rms_normalise, token_selection, unit_token_sum
 
@@ -73,6 +79,11 @@ def steered_call(tuner, state: CallState, module: nn.Module, args: tuple, kwargs
             raise ValueError(f"`{HIDDEN_ARGUMENT}` needs `{FEATURES_ARGUMENT}` (both come from the feature cache).")
         state.shared_blocks = shared
         features = tuner.run_pass1(module, args, pass1_arguments(tuner, kwargs, adapter_name, state), state=state)
+        if state.pass1_cache is not None:  # a decoder call with a KV cache: the caches share the bottom layers
+            state.shared_blocks = share_lower_layers(
+                tuner.model, kwargs, tuner.cache_argument, state.pass1_cache, state.shared_blocks
+            )
+            changed = (args, kwargs)  # the main cache may have been created
     else:
         features = state.feature = check_given_features(tuner, module, kwargs, given_features, adapter_name)
         if given_hidden[0] is not None:
@@ -201,9 +212,10 @@ def shared_block_count(tuner, config, adapter_name: str, module: nn.Module, kwar
     """How many bottom blocks pass 2 of this call takes from pass 1 rather than recomputing: the blocks below the lowest
     steered one, whose inputs and outputs in pass 2 equal those of pass 1 (exactly, where the two passes are
     deterministic; with dropout, pass 2 reuses pass 1's sample there). 0, and pass 2 runs every block as the reference
-    does, when `config.share_lower_blocks` is off, when block 0 is steered, when the call asks for every block's attentions or hidden states (pass 2 reports them, so every block runs), and on
-    a decoder call that reads or writes a KV cache (each pass keeps its own cache of every block). A decoder call in
-    training mode that leaves `use_cache` unset runs without a cache, as it returns no cache anyone can continue."""
+    does, when `config.share_lower_blocks` is off, when block 0 is steered, and when the call asks for every block's
+    attentions or hidden states (pass 2 reports them, so every block runs). On a decoder call with a KV cache the two
+    caches then share those blocks' layers (`generation.share_lower_layers`, which may still decline). A decoder call
+    in training mode that leaves `use_cache` unset runs without a cache, as it returns no cache anyone can continue."""
     if not config.share_lower_blocks:
         return 0
     start = lowest_steered_block(tuner, adapter_name)
@@ -214,16 +226,9 @@ def shared_block_count(tuner, config, adapter_name: str, module: nn.Module, kwar
         requested = kwargs.get(name)
         if requested if requested is not None else getattr(model_config, name, False):
             return 0
-    if tuner.architecture.causal:
-        if any(kwargs.get(name) is not None for name in CACHE_ARGUMENT_NAMES):
-            return 0
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None and module.training:
-            kwargs["use_cache"] = use_cache = False
-        if use_cache is None:
-            use_cache = getattr(model_config, "use_cache", False)
-        if use_cache:
-            return 0
+    if tuner.architecture.causal and kwargs.get("use_cache") is None and module.training:
+        if all(kwargs.get(name) is None for name in CACHE_ARGUMENT_NAMES):
+            kwargs["use_cache"] = False
     return start
 
 

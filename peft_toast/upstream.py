@@ -8,6 +8,7 @@ naming the internal whenever one of them moves. Nothing in this module imports t
 | `add_peft_type` | the member tables of the `PeftType` enum | `register_peft_method` only takes existing members |
 | `extend_peft_model_card` | `PeftModel.create_or_update_model_card`, `PeftModel._upload_modified_files` | PEFT has no per-method model-card hook |
 | `mirror_cache_calls` | the methods of transformers' `Cache` that `generate` calls (`MIRRORED_CACHE_METHODS`) | the pass-1 KV cache must follow every reordering of the main one |
+| `redirect_cache_layer_queries` | `Cache.layers`, and the `layer_idx` of the `Cache` queries in `REDIRECTED_CACHE_QUERIES` | a main cache whose bottom layers pass 1 shares and fills first |
 | `wrap_block_checkpointing` | a block's `_gradient_checkpointing_func` (transformers' `GradientCheckpointingLayer`) | recomputation must see the call's signals |
 | `ToastModel` overrides | `BaseTuner` private methods listed in `BASE_TUNER_OVERRIDES` | the tuner's lifecycle hooks |
 | `ToastModel._enable_peft_forward_hooks` | `PeftModel` calls it on a tuner that has it (`PEFT_MODEL_TUNER_HOOKS`) | refuse `adapter_names=` |
@@ -16,6 +17,7 @@ naming the internal whenever one of them moves. Nothing in this module imports t
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import types
 from collections.abc import Callable, Iterable
@@ -50,6 +52,8 @@ MIRRORED_CACHE_METHODS = (
     "reset",
     "activate_past_recording",
 )
+# Queries of transformers' `Cache` about one layer (`layer_idx`, default 0) that size positions and masks.
+REDIRECTED_CACHE_QUERIES = ("get_seq_length", "get_mask_sizes")
 _WRAPPED = "_toast_wrapped"  # marks a function this module wrapped, so that wrapping again is a no-op
 
 
@@ -124,6 +128,29 @@ def _mirrored(method, name: str, follower: Callable):
         return result
 
     return mirrored
+
+
+def redirect_cache_layer_queries(cache, redirect: dict[int, int]) -> None:
+    """Make `cache`'s `REDIRECTED_CACHE_QUERIES` about layer `i` answer about layer `redirect[i]` (when `i` is a key).
+
+    Bound methods on the instance, as in `mirror_cache_calls`, so that `copy.deepcopy` rebinds them to the copy."""
+    for name in REDIRECTED_CACHE_QUERIES:
+        method = getattr(type(cache), name)
+        setattr(cache, name, types.MethodType(_redirected(method, dict(redirect)), cache))
+
+
+def _redirected(method, redirect: dict[int, int]):
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def redirected(cache, *args, **kwargs):
+        bound = signature.bind(cache, *args, **kwargs)
+        bound.apply_defaults()
+        layer = bound.arguments["layer_idx"]
+        bound.arguments["layer_idx"] = redirect.get(layer, layer)
+        return method(*bound.args, **bound.kwargs)
+
+    return redirected
 
 
 def wrap_block_checkpointing(blocks: Iterable, wrapper: Callable[[Callable], Callable]) -> None:

@@ -155,17 +155,85 @@ def test_calls_that_report_every_block_recompute_them():
         assert torch.equal(a, b)
 
 
-def test_decoder_kv_cache_calls_recompute_and_generation_stays_exact():
+def test_decoder_kv_cache_calls_share_the_bottom_layers_between_the_passes():
+    from peft_toast.generation import get_pass1_cache
+
     model = _peft("llama", True, layers=(2, 3)).eval()
     inputs = make_inputs("llama")
     runs = BlockRuns(_blocks(model))
     with torch.no_grad():
-        model(**inputs)  # eval: the model makes a KV cache, which pass 2 must fill for every block
-    assert runs.counts == [2] * LAYERS
-    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=1)
-    cached = model.generate(**inputs, **kwargs)
-    uncached = model.generate(**inputs, use_cache=False, **kwargs)
-    assert torch.equal(cached, uncached)
+        out = model(**inputs)  # eval: a KV cache is made (here, so that the bottom layers can be shared)
+    assert runs.counts == [1, 1, 2, 2]
+    main, pass1 = out.past_key_values, get_pass1_cache(out.past_key_values)
+    assert [a is b for a, b in zip(main.layers, pass1.layers)] == [True, True, False, False]
+    length = inputs["input_ids"].shape[1]
+    assert main.get_seq_length() == pass1.get_seq_length() == length  # not 2 x length: pass 2 did not append
+    assert all(layer.get_seq_length() == length for layer in (*main.layers, *pass1.layers))
+    # The steered layers differ between the passes (block 2's values, block 3's keys too); the shared ones hold pass 1's
+    # (= the base model's) keys and values.
+    assert not torch.equal(main.layers[2].values, pass1.layers[2].values)
+    assert not torch.equal(main.layers[3].keys, pass1.layers[3].keys)
+    with torch.no_grad(), model.disable_adapter():
+        base = model(**inputs).past_key_values
+    torch.testing.assert_close(main.layers[0].keys, base.layers[0].keys, rtol=0, atol=0)
+    torch.testing.assert_close(main.layers[1].values, base.layers[1].values, rtol=0, atol=0)
+    # Continuing the cache equals one uncached forward of the whole sequence.
+    nxt = torch.randint(2, VOCAB, (inputs["input_ids"].shape[0], 1))
+    with torch.no_grad():
+        step = model(input_ids=nxt, past_key_values=main).logits[:, -1]
+        whole = model(input_ids=torch.cat([inputs["input_ids"], nxt], 1), use_cache=False).logits[:, -1]
+    torch.testing.assert_close(step, whole, rtol=1e-5, atol=1e-5)
+    assert main.get_seq_length() == length + 1
+
+
+@pytest.mark.parametrize("layers, shared", [((2, 3), [True, True, False, False]), ((3,), [False] * 4)])
+def test_mixed_sliding_and_full_layers_share_where_a_layer_of_the_same_kind_is_above(layers, shared):
+    """Qwen2 with sliding-window (window 3, shorter than the prompt) and full-attention layers alternating: a shared
+    layer's length and mask queries are answered by the lowest steered layer of its kind; when there is none (steering
+    block 3 only: no sliding layer above block 2), the passes keep separate caches. Generation is exact either way."""
+    from peft_toast.generation import get_pass1_cache
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=37,
+        vocab_size=VOCAB, use_sliding_window=True, max_window_layers=0, sliding_window=3, initializer_range=0.3,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )  # fmt: skip
+    model = get_peft_model(
+        transformers.Qwen2ForCausalLM(config), ToastConfig(task_type="CAUSAL_LM", layers_to_transform=list(layers))
+    )
+    randomize_adapter(model, seed=2)
+    model.eval()
+    input_ids = torch.randint(2, VOCAB, (2, 7))
+    kwargs = dict(attention_mask=torch.ones_like(input_ids), max_new_tokens=8, do_sample=False)
+    output = model.generate(input_ids=input_ids, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(output.sequences, model.generate(input_ids=input_ids, use_cache=False, **kwargs))
+    with model.disable_adapter():
+        assert not torch.equal(output.sequences, model.generate(input_ids=input_ids, **kwargs))
+    main = output.past_key_values
+    assert [a is b for a, b in zip(main.layers, get_pass1_cache(main).layers)] == shared
+
+
+def test_unshared_adapter_keeps_two_full_caches_and_a_mixed_call_is_refused():
+    from peft_toast.generation import get_pass1_cache
+
+    inputs = make_inputs("llama")
+    full = _peft("llama", False, layers=(2, 3)).eval()
+    with torch.no_grad():
+        out = full(**inputs)
+    main, pass1 = out.past_key_values, get_pass1_cache(out.past_key_values)
+    assert not any(a is b for a, b in zip(main.layers, pass1.layers))
+    shared = _peft("llama", True, layers=(2, 3)).eval()
+    with torch.no_grad():
+        cache = shared(**inputs).past_key_values
+        nxt = inputs["input_ids"][:, :1]
+        with pytest.raises(ValueError, match="shares its bottom 2 blocks.*output_hidden_states"):
+            shared(input_ids=nxt, past_key_values=cache, output_hidden_states=True)
+        # A cache started by a call that ran every block keeps running every block.
+        cache = shared(**inputs, output_attentions=True).past_key_values
+        assert not any(a is b for a, b in zip(cache.layers, get_pass1_cache(cache).layers))
+        shared(input_ids=nxt, past_key_values=cache)
+        assert cache.get_seq_length() == get_pass1_cache(cache).get_seq_length() == inputs["input_ids"].shape[1] + 1
 
 
 def test_training_decoder_call_without_use_cache_returns_no_cache():

@@ -76,6 +76,27 @@ def test_every_mirrored_cache_method_exists():
     assert not missing, f"transformers' Cache no longer has {missing}; generate's reordering would not reach pass 1"
 
 
+def test_redirected_cache_queries_take_a_layer_index_and_read_cache_layers():
+    for name in upstream.REDIRECTED_CACHE_QUERIES:
+        parameters = inspect.signature(getattr(DynamicCache, name)).parameters
+        assert "layer_idx" in parameters, (
+            f"Cache.{name} no longer takes `layer_idx`; shared KV layers would be mis-sized"
+        )
+    assert isinstance(DynamicCache().layers, list), "Cache.layers is no longer a list; the passes cannot share layers"
+
+
+def test_redirected_queries_answer_about_the_other_layer_and_survive_a_deep_copy():
+    cache = DynamicCache()
+    for index, length in enumerate((5, 3)):  # layer 0 holds 5 positions, layer 1 holds 3
+        cache.update(torch.zeros(1, 1, length, 2), torch.zeros(1, 1, length, 2), index)
+    upstream.redirect_cache_layer_queries(cache, {0: 1})
+    assert cache.get_seq_length() == cache.get_seq_length(0) == cache.get_seq_length(layer_idx=0) == 3
+    assert cache.get_mask_sizes(2, 0) == cache.get_mask_sizes(2, 1) == (5, 0)  # 3 past + 2 new
+    copied = copy.deepcopy(cache)
+    copied.layers[1].crop(-1)
+    assert copied.get_seq_length() == 2 and cache.get_seq_length() == 3
+
+
 def test_mirrored_calls_reach_the_follower_and_survive_a_deep_copy():
     calls = []
 
