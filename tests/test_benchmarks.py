@@ -202,6 +202,11 @@ def test_top_blocks_tiny_reports_every_k_with_cached_and_uncached_steps(tmp_path
         assert ratios["cached_train_vs_lora"] == pytest.approx(train["toast-top1-cached"] / train["lora"])
         assert entry["ratios"]["top2"]["cached_train_vs_lora"] is None  # every block steered: nothing to cache
         assert entry["trainable_parameters"]["toast-top2"] > entry["trainable_parameters"]["toast-top1"]
+    text = results["families"]["text"]
+    assert set(text["kinds"]["generate"]["median_seconds"]) == {"base", "toast-top1", "toast-top2"}
+    assert "generate" not in results["families"]["vision"]["kinds"]
+    # KV memory: the pass-1 cache shares the layers below the steered ones, (L + k) / L of the frozen model's cache.
+    assert text["ratios"]["top1"]["kv_memory_vs_base"] == 1.5 and text["ratios"]["top2"]["kv_memory_vs_base"] == 2.0
     assert "| 1 / 2 |" in top_blocks.table(results)
 
 
