@@ -88,9 +88,10 @@ class ToastConfig(PeftConfig):
             instead of recomputing them. With `layers_to_transform` = the top `k` of `L` blocks, a forward costs
             `1 + k / L` passes instead of 2, and backpropagation runs through `k` blocks. Exact wherever the passes are
             deterministic (eval, no dropout); in training with dropout, pass 2 reuses pass 1's dropout sample below the
-            steered blocks. Pass 2 still runs every block when the call asks for all attentions or hidden states, and
-            on a decoder call that uses a KV cache (generation). `False`: pass 2 recomputes every block, as the
-            reference does (with its own dropout sample). Steering block 0 (the default) shares nothing.
+            steered blocks. Pass 2 still runs every block when the call asks for all attentions or hidden states.
+            With a KV cache (generation), the two passes share the bottom blocks' cache layers: `L + k` layers
+            instead of `2L`. `False`: pass 2 recomputes every block, as the reference does (with its own dropout
+            sample), and keeps a cache of every block. Steering block 0 (the default) shares nothing.
         variational_loss_weight (`float`):
             Weight of the feedback-reconstruction loss `sum_l MSE(A_l h_l_out, h_l_in)` added to the task loss in
             training, for pre-tuning (0.1 for vision and 0.01 for LLaMA in the reference). `0` (default) for transfer.
