@@ -28,6 +28,7 @@ import _timing  # noqa: E402
 import _training  # noqa: E402
 import calibration_speed  # noqa: E402
 import cost  # noqa: E402
+import memory_at_scale  # noqa: E402
 import prompt_init  # noqa: E402
 import quality  # noqa: E402
 import scaling  # noqa: E402
@@ -208,6 +209,22 @@ def test_top_blocks_tiny_reports_every_k_with_cached_and_uncached_steps(tmp_path
     # KV memory: the pass-1 cache shares the layers below the steered ones, (L + k) / L of the frozen model's cache.
     assert text["ratios"]["top1"]["kv_memory_vs_base"] == 1.5 and text["ratios"]["top2"]["kv_memory_vs_base"] == 2.0
     assert "| 1 / 2 |" in top_blocks.table(results)
+
+
+def test_memory_at_scale_tiny_counts_every_method_on_meta_models(tmp_path):
+    output = tmp_path / "memory.json"
+    results = memory_at_scale.main(["--tiny", "--threads", "1", "--output", str(output)])
+    assert json.loads(output.read_text())["models"].keys() == {"tiny LLaMA", "tiny ViT"}
+    llama = results["models"]["tiny LLaMA"]["methods"]
+    assert set(llama) == set(memory_at_scale.METHODS)
+    # LoRA r8 on q (32 -> 32) and v (32 -> 16, two KV heads of 8) of 4 blocks: 4 * 8 * (64 + 48) parameters.
+    assert llama["lora"]["trainable_parameters"] == 4 * 8 * (64 + 48)
+    for row in llama.values():
+        assert row["adamw_state_bytes"] == 2 * row["gradient_bytes"] > 0
+        assert 0 < row["activation_bytes"] < row["activation_bytes_with_attention_probabilities"]
+    # Steering only the top block: backpropagation stops there, so far fewer saved activations than every block.
+    assert llama["toast-top"]["activation_bytes"] < llama["toast"]["activation_bytes"] / 2
+    assert "| tiny ViT" in memory_at_scale.table(results)
 
 
 def test_scaling_tiny_quick_measures_every_point(tmp_path):
