@@ -27,7 +27,12 @@ METHOD_LABELS = {
     "full": "full fine-tuning",
     "base": "frozen base model",
 }
-TOAST_CONFIGS = {"toast": {}, "toast-r8": {"feedback_rank": 8}}
+TOAST_CONFIGS = {
+    "toast": {},
+    "toast-r8": {"feedback_rank": 8},
+    "toast-lite": {"lite_rank": 8},
+    "toast-top4": {"layers_to_transform": [-4, -3, -2, -1]},  # full rank on the top 4 blocks
+}
 LORA_RANK = 8
 
 # Heads of the classification models; they train with every method.

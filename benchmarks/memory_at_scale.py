@@ -15,8 +15,13 @@ LLaMA-3-8B: bf16, 1 x 2048 tokens, causal-LM loss. ViT-L/16: bf16, 32 images of 
 TOAST variants: full rank (every block), `feedback_rank=8`, `lite_rank=8`, and full rank on the top L/4 blocks only.
 LoRA: r = 8 on the query and value projections of every block, as in the other benchmarks.
 
+With `--measure`, also the measured peak memory of two fp32 training steps (AdamW; batch 1 x 256 tokens; each method
+in a fresh process, `_timing.peak_training_memory`) on a random-initialised LLaMA of Llama-3.2-1B's shape (1.24 B
+parameters, 16 blocks; saved once to `--random-model-dir`), for LoRA, TOAST full rank, rank 8, Lite and full rank on
+the top 4 blocks.
+
     python benchmarks/memory_at_scale.py --tiny      # seconds: tiny configurations (CI smoke test)
-    python benchmarks/memory_at_scale.py --output benchmarks/results/memory_at_scale.json
+    python benchmarks/memory_at_scale.py --measure --output benchmarks/results/memory_at_scale.json
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import _models  # these import common first, which must come before torch
 import _results
+import _timing
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 import torch
 import transformers
@@ -182,10 +189,75 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# Measured methods (names of `_models.apply_method`) and the random model of Llama-3.2-1B's shape.
+MEASURED = ("lora", "toast", "toast-r8", "toast-lite", "toast-top4")
+MEASURED_LABELS = {**LABELS, "toast-top4": "TOAST full rank, top 4 of 16 blocks"}
+
+
+def llama_1b_config(tiny: bool) -> transformers.LlamaConfig:
+    if tiny:
+        return transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=99,
+        )  # fmt: skip
+    return transformers.LlamaConfig(  # meta-llama/Llama-3.2-1B
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+def random_model_folder(folder: Path, tiny: bool) -> Path:
+    """A random-initialised LLaMA of Llama-3.2-1B's shape saved in `folder` (once; bf16 on disk)."""
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(llama_1b_config(tiny)).to(torch.bfloat16)
+        model.save_pretrained(folder)
+    return folder
+
+
+def measure_peak(args: argparse.Namespace) -> dict:
+    folder = random_model_folder(args.random_model_dir / ("tiny" if args.tiny else "llama-1b"), args.tiny)
+    tokens = 16 if args.tiny else 256
+    measured = {"model": "random LLaMA, Llama-3.2-1B shape" if not args.tiny else "tiny random LLaMA"}
+    measured["batch"], measured["dtype"], measured["methods"] = [1, tokens], "fp32", {}
+    for method in ["lora", *(method for method in args.measure_methods if method != "lora")]:
+        spec = _timing.CostSpec("text", method, 1, tokens, model=str(folder), threads=args.threads)  # from the folder
+        row = _timing.peak_training_memory(spec)
+        measured["methods"][method] = row
+        print(f"peak {method}: {row}")
+    lora = measured["methods"]["lora"]
+    for row in measured["methods"].values():
+        row["peak_vs_lora"] = row["peak_mib"] / lora["peak_mib"]
+        row["added_vs_lora"] = row["added_mib"] / lora["added_mib"]
+    return measured
+
+
+def measured_table(measured: dict) -> str:
+    lines = [
+        f"| {measured['model']}, fp32, batch {measured['batch'][0]} x {measured['batch'][1]} tokens | peak RSS | "
+        "added by training | peak / LoRA |",
+        "|---|---|---|---|",
+    ]
+    for method, row in measured["methods"].items():
+        lines.append(
+            f"| {MEASURED_LABELS[method]} | {row['peak_mib'] / 1024:.2f} GiB | {row['added_mib'] / 1024:.2f} GiB | "
+            f"{row['peak_vs_lora']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = script_parser(__doc__)
     common.add_common_arguments(parser)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--measure", action="store_true", help="Also measure peak memory on a random ~1B LLaMA.")
+    parser.add_argument("--measure-methods", nargs="+", default=list(MEASURED), choices=MEASURED)
+    parser.add_argument(
+        "--random-model-dir",
+        type=Path,
+        default=Path.home() / ".cache" / "peft_toast" / "random-models",
+        help="Where the random ~1B LLaMA is saved once (2.5 GB, bf16).",
+    )
     return parser.parse_args(argv)
 
 
@@ -204,10 +276,15 @@ def main(argv=None) -> dict:
             entry["methods"][method] = measure(config, model_class, spec, task_type, method)
             print(f"{name} {method}: {entry['methods'][method]}")
     print(table(results))
+    if args.measure:
+        results["measured"] = measure_peak(args)
+        print(measured_table(results["measured"]))
     if args.output:
         _results.write_json(args.output, results)
     if not args.tiny and not args.no_docs:
         _results.update_docs_section("memory-at-scale", table(results))
+        if args.measure:
+            _results.update_docs_section("memory-measured", measured_table(results["measured"]))
     return results
 
 

@@ -213,7 +213,9 @@ def test_top_blocks_tiny_reports_every_k_with_cached_and_uncached_steps(tmp_path
 
 def test_memory_at_scale_tiny_counts_every_method_on_meta_models(tmp_path):
     output = tmp_path / "memory.json"
-    results = memory_at_scale.main(["--tiny", "--threads", "1", "--output", str(output)])
+    args = ["--tiny", "--threads", "1", "--output", str(output), "--random-model-dir", str(tmp_path)]
+    args += ["--measure", "--measure-methods", "toast-top4"]  # (and LoRA, the reference; each in a fresh process)
+    results = memory_at_scale.main(args)
     assert json.loads(output.read_text())["models"].keys() == {"tiny LLaMA", "tiny ViT"}
     llama = results["models"]["tiny LLaMA"]["methods"]
     assert set(llama) == set(memory_at_scale.METHODS)
@@ -225,6 +227,9 @@ def test_memory_at_scale_tiny_counts_every_method_on_meta_models(tmp_path):
     # Steering only the top block: backpropagation stops there, so far fewer saved activations than every block.
     assert llama["toast-top"]["activation_bytes"] < llama["toast"]["activation_bytes"] / 2
     assert "| tiny ViT" in memory_at_scale.table(results)
+    measured = results["measured"]["methods"]
+    assert set(measured) == {"lora", "toast-top4"} and measured["lora"]["peak_vs_lora"] == 1.0
+    assert all(row["peak_mib"] > row["added_mib"] > 0 for row in measured.values())
 
 
 def test_scaling_tiny_quick_measures_every_point(tmp_path):
