@@ -7,6 +7,7 @@ accuracy of the first response token (the logits of the label words after the pr
 Offline defaults: SmolLM2-135M-Instruct (a LlamaForCausalLM, from `peft_toast.assets`) on labelled tweet sentiment.
 
     python examples/train_causal_lm.py --max-steps 20 --train-size 160
+    python examples/train_causal_lm.py --load-in-4bit --feedback-rank 8   # QLoRA-style: a 4-bit NF4 base (bitsandbytes)
     python examples/train_causal_lm.py --model meta-llama/Llama-3.2-1B-Instruct --dataset imdb \
         --gradient-checkpointing --max-steps 500
 """
@@ -76,8 +77,41 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="Recompute activations in the backward pass (non-reentrant) to save memory.",
     )
+    parser.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="QLoRA-style: load the base in 4-bit NF4 with double quantisation (bitsandbytes) and prepare it with "
+        "`peft.prepare_model_for_kbit_training`; the adapter stays in fp32.",
+    )
+    parser.add_argument(
+        "--feedback-rank",
+        type=int,
+        default=None,
+        help="Low-rank feedback maps (`ToastConfig.feedback_rank`): LoRA-sized adapters, for large models.",
+    )
     add_seed_and_resume_arguments(parser)
     return parser.parse_args(argv)
+
+
+def load_base_model(args: argparse.Namespace):
+    """The causal LM to adapt: as saved, or (`--load-in-4bit`) quantized to 4-bit NF4 the way QLoRA loads it."""
+    if not args.load_in_4bit:
+        return AutoModelForCausalLM.from_pretrained(args.model)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quantization)
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # TOAST's signals need non-reentrant recomputation
+    )
 
 
 def load_text_splits(args: argparse.Namespace):
@@ -150,7 +184,7 @@ def main(argv=None) -> dict:
     eval_prompts = [prompt_of(text) for text in evaluation[args.text_column]]
     eval_labels = evaluation[args.label_column]
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(args.model), ToastConfig(task_type="CAUSAL_LM"))
+    model = get_peft_model(load_base_model(args), ToastConfig(task_type="CAUSAL_LM", feedback_rank=args.feedback_rank))
     model.print_trainable_parameters()
     before = first_token_accuracy(model, tokenizer, eval_prompts, eval_labels, label_words, args.batch_size)
 

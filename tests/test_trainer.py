@@ -295,6 +295,38 @@ def test_causal_lm_gradient_checkpointing_gives_the_same_adapter(
     assert_same_adapter(tmp_path / "plain" / "adapter", tmp_path / "checkpointed" / "adapter", atol=1e-6)
 
 
+def test_causal_lm_on_a_4bit_base_trains_and_saves_only_the_adapter(tmp_path, tiny_llama_dir, tiny_text_dataset_dir):
+    """QLoRA-style (`--load-in-4bit`): an NF4 base with double quantisation; the adapter trains, stays fp32, and the
+    saved file holds it alone and reloads onto a fresh 4-bit base with the same outputs."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    options = {"max_steps": 2, "save_steps": 100, "output_dir": tmp_path}
+    train_causal_lm.main(text_args(tiny_llama_dir, tiny_text_dataset_dir, **options) + ["--load-in-4bit"])
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved and all("toast_" in key and tensor.dtype == torch.float32 for key, tensor in saved.items())
+    assert any(tensor.abs().max() > 0 for key, tensor in saved.items() if "toast_readout" in key)  # it trained
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quantization)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    for key, tensor in loaded.state_dict().items():
+        if "toast_" in key:
+            saved_key = key.replace(".default", "")
+            assert torch.equal(tensor, saved[saved_key]), key
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        steered = loaded(input_ids=input_ids).logits
+        with loaded.disable_adapter():
+            plain = loaded(input_ids=input_ids).logits
+    assert not torch.allclose(steered, plain)
+
+
 def test_last_checkpoint(tmp_path):
     assert example_utils.last_checkpoint(str(tmp_path / "missing"), "state.json") is None
     for name, marker in (
