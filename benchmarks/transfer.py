@@ -58,7 +58,7 @@ from peft_toast.state import CallState
 
 METHODS = (
     "linear", "lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-fast", "toast-r8", "toast-lite",
-    "toast-contrast", "toast-oracle", "toast-top3", "toast-top6", "toast-top3-src",
+    "toast-contrast", "toast-oracle", "toast-top1", "toast-top2", "toast-top3", "toast-top6", "toast-top3-src",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -72,6 +72,8 @@ LABELS = {
     "toast-lite": "TOAST-Lite, lite_rank=8",
     "toast-contrast": "TOAST, contrast prompt",
     "toast-oracle": "TOAST, prompt from the target boxes (diagnostic)",
+    "toast-top1": "TOAST, top block steered",
+    "toast-top2": "TOAST, top 2 blocks steered",
     "toast-top3": "TOAST, top 3 blocks steered",
     "toast-top6": "TOAST, top 6 blocks steered",
     "toast-top3-src": "TOAST, top 3 blocks, source pre-tuned",
@@ -86,6 +88,8 @@ TOAST_CONFIGS = {
     "toast-contrast": {},
     "toast-oracle": {},
     # Only the top blocks steered (pass 2 starts there: `share_lower_blocks`); negative indices fit any depth.
+    "toast-top1": {"layers_to_transform": [-1]},
+    "toast-top2": {"layers_to_transform": [-2, -1]},
     "toast-top3": {"layers_to_transform": [-3, -2, -1]},
     "toast-top6": {"layers_to_transform": [-6, -5, -4, -3, -2, -1]},
     "toast-top3-src": {"layers_to_transform": [-3, -2, -1]},
@@ -122,7 +126,8 @@ LEARNING_RATES = {
 }
 LEARNING_RATES["lora-src"] = LEARNING_RATES["lora"]
 LEARNING_RATES["toast-src"] = LEARNING_RATES["toast"]
-LEARNING_RATES["toast-top3"] = LEARNING_RATES["toast-top6"] = LEARNING_RATES["toast"]
+for _method in ("toast-top1", "toast-top2", "toast-top3", "toast-top6"):
+    LEARNING_RATES[_method] = LEARNING_RATES["toast"]
 LEARNING_RATES["toast-top3-src"] = LEARNING_RATES["toast"]
 
 
