@@ -19,6 +19,20 @@ from .state import current_signal
 from .topdown import FeedbackMap
 
 
+def adapter_factory(base: nn.Module) -> dict:
+    """`device` and `dtype` for new adapter tensors next to the frozen layer `base`: its weight's, except for a layer
+    whose weight accelerate offloaded (CPU or disk, `device_map` with offloading: the weight sits on the meta device
+    and the layer's hook brings it to its execution device for each forward), where the adapter lives on that
+    execution device. A weight on the meta device without such a hook (a model built empty, to be loaded later) keeps
+    the adapter on meta too."""
+    weight = base.weight
+    device = weight.device
+    hook = getattr(base, "_hf_hook", None)
+    if weight.is_meta and getattr(hook, "offload", False) and getattr(hook, "execution_device", None) is not None:
+        device = torch.device(hook.execution_device)
+    return {"device": device, "dtype": weight.dtype if weight.dtype.is_floating_point else None}
+
+
 class ToastLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("toast_down", "toast_readout")
 
@@ -49,8 +63,7 @@ class ToastLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config, with_readout: bool) -> None:
         """Create block `l`'s down-map (and readout, if this block receives a signal) for `adapter_name`."""
-        weight = self.get_base_layer().weight
-        factory = {"device": weight.device, "dtype": weight.dtype if weight.dtype.is_floating_point else None}
+        factory = adapter_factory(self.get_base_layer())
         ranks = {"rank": config.feedback_rank, "lite_rank": config.lite_rank}
         self.toast_down[adapter_name] = FeedbackMap(self.in_features, init=config.down_init, **ranks, **factory)
         if with_readout:

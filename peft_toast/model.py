@@ -20,7 +20,7 @@ from .architectures import (
     resolve_architecture,
 )
 from .config import ToastConfig
-from .layer import ToastLayer, value_input_features
+from .layer import ToastLayer, adapter_factory, value_input_features
 from .passes import FEATURES_ARGUMENT, steered_call
 from .state import CallState, checkpoint_with_signals, current_state, pop_state, push_state
 from .topdown import FeedbackMap
@@ -138,10 +138,12 @@ class ToastModel(BaseTuner):
                 out_features = base.weight.shape[0 if isinstance(base, nn.Linear) else 1]
                 value_index = fused_value_index(self.model.config, layout, out_features)
             new_module = ToastLayer(target, block_index, value_index=value_index)
+            # The adapter tensors after PEFT's `_replace_module`, which moves them onto the base weight's device: for
+            # a layer that accelerate offloaded that is the meta device, where `adapter_factory` does not put them.
+            self._replace_module(parent, target_name, new_module, target)
             new_module.update_layer(adapter_name, peft_config, with_readout)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
-            self._replace_module(parent, target_name, new_module, target)
         if adapter_name not in self.toast_prompt:
             self._create_selection(adapter_name, peft_config, target)
 
@@ -149,8 +151,7 @@ class ToastModel(BaseTuner):
         """The adapter's prompt (token selection) and, unless it is the identity, its channel selection."""
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         dim = value_input_features(base)
-        weight = base.weight
-        factory = {"device": weight.device, "dtype": weight.dtype if weight.dtype.is_floating_point else None}
+        factory = adapter_factory(base)
         if config.prompt_init == "data":  # zeros = "not set yet": the first steered batch sets it
             prompt = torch.zeros(dim, **factory)
             self._toast_unset_prompts.add(adapter_name)

@@ -259,6 +259,68 @@ def test_device_map_cpu_base(kind, tmp_path):
     torch.testing.assert_close(_logits(loaded, inputs), expected, rtol=0, atol=1e-6)
 
 
+def _offloaded_device_map(kind: str, base) -> dict:
+    """Blocks 1 and 2 offloaded to disk, everything else on the CPU: accelerate keeps their weights on the meta device
+    and loads them for each forward (an `AlignDevicesHook` with `offload=True` on every leaf module)."""
+    blocks = "vit.layers" if kind == "vit" else "model.layers"
+    offloaded = {f"{blocks}.1", f"{blocks}.2"}
+    device_map = {}
+
+    def cover(module, prefix: str) -> None:
+        if prefix in offloaded:
+            device_map[prefix] = "disk"
+        elif any(name.startswith(prefix + ".") for name in offloaded) or not prefix:
+            for name, child in module.named_children():
+                cover(child, f"{prefix}.{name}" if prefix else name)
+        else:
+            device_map[prefix] = "cpu"
+
+    cover(base, "")
+    return device_map
+
+
+def test_offloaded_base_trains_and_loads_like_a_loaded_one(kind, tmp_path):
+    """`device_map` with disk offload: the adapter tensors of offloaded blocks live on the execution device (not on
+    meta with the weights), a saved adapter's tensors load onto them, outputs and a training step's gradients equal the
+    fully loaded model's, and (decoders) cached generation equals uncached. (`PeftModel.from_pretrained` onto a
+    disk-offloaded base re-dispatches the model through PEFT's own offload path, which needs a device map of the
+    PeftModel's names; not covered here.)"""
+    from peft import set_peft_model_state_dict
+
+    inputs = make_inputs(kind)
+    model = _toast(kind)
+    model.save_pretrained(tmp_path / "adapter")
+    _base(kind).save_pretrained(tmp_path / "base")
+    base_class = type(_base(kind))
+    device_map = _offloaded_device_map(kind, _base(kind))
+    offloaded = base_class.from_pretrained(tmp_path / "base", device_map=device_map, offload_folder=tmp_path / "off")
+    assert any(p.is_meta for p in offloaded.parameters())  # really offloaded
+    loaded = get_peft_model(offloaded, _config(kind))
+    result = set_peft_model_state_dict(loaded, load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert not [key for key in result.missing_keys if "toast_" in key]
+    own = _own_tensors(loaded, "default")
+    assert own and not any(t.is_meta for t in own.values())
+    _assert_same_tensors(own, _own_tensors(model, "default"))
+    reference = PeftModel.from_pretrained(
+        base_class.from_pretrained(tmp_path / "base"), tmp_path / "adapter", is_trainable=True
+    )
+    reference.train()
+    torch.testing.assert_close(_logits(loaded, inputs), _logits(reference, inputs), rtol=0, atol=1e-6)
+    loaded.train()
+    labels = _labels(kind, inputs)
+    for peft_model in (loaded, reference):
+        peft_model(**inputs, labels=labels).loss.backward()
+    for (name, parameter), (_, expected) in zip(loaded.named_parameters(), reference.named_parameters()):
+        if "toast_" in name:
+            assert parameter.grad is not None, name
+            torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-5, atol=1e-7)
+    if kind == "llama":
+        loaded.eval()
+        kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        cached = loaded.generate(input_ids=inputs["input_ids"], **kwargs)
+        assert torch.equal(cached, loaded.generate(input_ids=inputs["input_ids"], use_cache=False, **kwargs))
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 
