@@ -60,6 +60,22 @@ def test_image_maps_against_an_independent_computation():
     assert model.get_base_model().config._attn_implementation == base.config._attn_implementation == "sdpa"
 
 
+def test_image_maps_of_a_top_block_adapter_equal_the_full_recomputation():
+    """Steering only the top blocks (pass 2 starts there): the maps ask for every block's attentions, so pass 2 runs every
+    block and the maps equal those of the same adapter with `share_lower_blocks=False`."""
+    torch.manual_seed(0)
+    model = get_peft_model(make_vit(), ToastConfig(prompt_init="random", layers_to_transform=[2, 3]))
+    randomize_adapter(model, std=0.5)
+    unshared = copy.deepcopy(model)
+    unshared.peft_config["default"].share_lower_blocks = False
+    pixel_values = make_inputs("vit", batch=3)["pixel_values"]
+    maps = visualize.image_attention_maps(model.eval(), pixel_values)
+    expected = visualize.image_attention_maps(unshared.eval(), pixel_values)
+    for name in ("frozen", "toast", "gates"):
+        torch.testing.assert_close(getattr(maps, name), getattr(expected, name), rtol=0, atol=0)
+    assert (maps.toast - maps.frozen).abs().max() > 1e-4  # the adapter acts (the tiny ViT's attention is near uniform)
+
+
 def test_text_comparison_reads_the_last_real_token():
     base = make_llama()
     frozen_copy = copy.deepcopy(base)
