@@ -44,6 +44,15 @@ from peft_toast.cli import script_parser
 
 GiB = 2**30
 METHODS = ("lora", "toast", "toast-r8", "toast-lite", "toast-top")
+# The tiny LLaMA of `--tiny` (both the counted and the measured model).
+TINY_LLAMA = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=99,
+)
 LABELS = {
     "lora": "LoRA r8 (q, v)",
     "toast": "TOAST full rank",
@@ -56,10 +65,7 @@ LABELS = {
 def model_specs(tiny: bool) -> dict:
     """name -> (config, model class, the batch as shapes, LoRA target modules)."""
     if tiny:
-        llama = transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=99,
-        )  # fmt: skip
+        llama = transformers.LlamaConfig(**TINY_LLAMA)
         vit = transformers.ViTConfig(
             hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=28,
             patch_size=7, num_labels=10,
@@ -196,10 +202,7 @@ MEASURED_LABELS = {**LABELS, "toast-top4": "TOAST full rank, top 4 of 16 blocks"
 
 def llama_1b_config(tiny: bool) -> transformers.LlamaConfig:
     if tiny:
-        return transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=99,
-        )  # fmt: skip
+        return transformers.LlamaConfig(**TINY_LLAMA)
     return transformers.LlamaConfig(  # meta-llama/Llama-3.2-1B
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
         vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True,

@@ -377,12 +377,17 @@ def cache_pass1_features(task: _data.Task, methods=(), batch_size: int = 64) -> 
         for start in range(0, len(split), batch_size):
             batch = split.batch(range(start, min(start + batch_size, len(split))))
             inputs = {"pixel_values": batch["pixel_values"]}
-            rows.append(tuner.run_pass1(tuner.model, (), inputs))
-            for block in blocks:  # the library's own path (`precompute_features(store_hidden=True)` does the same)
+            # One pass 1 per recorded block (a call records the output below one block), the feature from the first;
+            # the library's own path (`precompute_features(store_hidden=True)` does the same).
+            features = None
+            for block in blocks or [0]:
                 state = CallState(owner=tuner, shared_blocks=block)
-                tuner.run_pass1(tuner.model, (), inputs, state=state)
-                output = state.shared_output
-                hidden[block].append(output[0] if isinstance(output, tuple) else output)
+                pass1 = tuner.run_pass1(tuner.model, (), inputs, state=state)
+                features = pass1 if features is None else features
+                if block:
+                    output = state.shared_output
+                    hidden[block].append(output[0] if isinstance(output, tuple) else output)
+            rows.append(features)
         split.toast_features = torch.cat(rows)  # (N, T, d)
         split.toast_hidden = {block: torch.cat(values) for block, values in hidden.items()}
 
