@@ -229,6 +229,9 @@ def main(argv=None) -> dict:
         state_dict=state_dict,
     )
     accelerator.print(f"eval accuracy {accuracy:.4f} on {len(evaluation)} images; adapter saved to {adapter_dir}")
+    # Every process reaches the teardown together: a process group destroyed while a peer is still writing can leave
+    # the job hanging at exit (seen once on a 2-core machine with gloo; pytorch/pytorch#75097).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"eval_accuracy": accuracy}
 
