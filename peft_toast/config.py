@@ -95,6 +95,10 @@ class ToastConfig(PeftConfig):
         variational_loss_weight (`float`):
             Weight of the feedback-reconstruction loss `sum_l MSE(A_l h_l_out, h_l_in)` added to the task loss in
             training, for pre-tuning (0.1 for vision and 0.01 for LLaMA in the reference). `0` (default) for transfer.
+        feedback_dropout (`float`):
+            Dropout probability on the selected top-layer tokens before they are sent down the feedback path, in
+            training only (the analogue of LoRA's `lora_dropout`, which drops the adapter's input); `0` (default) as
+            the reference. Eval and generation never drop, so outputs stay exact.
         cosine_eps (`float`):
             Guards the cosine token gate against zero-norm tokens (padding, zero vectors) so it never yields NaN.
         modules_to_save (`list[str]`, *optional*):
@@ -167,6 +171,10 @@ class ToastConfig(PeftConfig):
     variational_loss_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the feedback-reconstruction loss added in training (pre-tuning); 0 = off."},
+    )
+    feedback_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the selected tokens sent down the feedback path, in training only; 0 = off."},
     )
     cosine_eps: float = field(default=1e-6, metadata={"help": "Epsilon of the cosine token gate (NaN guard)."})
     modules_to_save: Optional[list[str]] = field(
@@ -244,6 +252,15 @@ class ToastConfig(PeftConfig):
             raise ValueError(
                 f"`variational_loss_weight` must be a finite number >= 0 (0 disables it), got "
                 f"{self.variational_loss_weight!r}."
+            )
+        if (
+            not isinstance(self.feedback_dropout, (int, float))
+            or isinstance(self.feedback_dropout, bool)
+            or not 0 <= self.feedback_dropout < 1
+        ):
+            raise ValueError(
+                f"`feedback_dropout` must be a probability in [0, 1), such as 0.1 (0 disables it), got "
+                f"{self.feedback_dropout!r}."
             )
         if (
             not isinstance(self.cosine_eps, (int, float))

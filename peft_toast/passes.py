@@ -19,6 +19,7 @@ from collections.abc import Generator
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
@@ -245,6 +246,8 @@ def top_down_signals(tuner, adapter_name: str, features: torch.Tensor) -> tuple[
     gates, selected = token_selection(features, prompt, eps=config.cosine_eps)  # (B, N), (B, N, d)
     if adapter_name in tuner.toast_channel:
         selected = tuner.toast_channel[adapter_name](selected)
+    if config.feedback_dropout and tuner.training:
+        selected = F.dropout(selected, p=config.feedback_dropout)
     layers = tuner.toast_layers(adapter_name)
     down_maps = [layer.toast_down[adapter_name] for layer in layers]
     readouts = [layer.toast_readout[adapter_name] if adapter_name in layer.toast_readout else None for layer in layers]

@@ -538,8 +538,13 @@ def _feedback_weight(tensors: dict, prefix: str, identity_base: bool) -> torch.T
     return weight
 
 
-def _plain_toast_logits(kind: str, base, tensors: dict, config: dict, inputs: dict) -> torch.Tensor:
-    """TOAST recomputed from saved tensors on a plain transformers model: no PEFT, no `peft_toast` code."""
+def _plain_toast_logits(
+    kind: str, base, tensors: dict, config: dict, inputs: dict, dropout_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """TOAST recomputed from saved tensors on a plain transformers model: no PEFT, no `peft_toast` code.
+
+    `dropout_mask` (`(B, N, d)`, entries 0 or 1 / (1 - p)) multiplies the selected tokens before they go down, as
+    `feedback_dropout` does in training."""
     if kind == "vit":
         values = [block.attention.v_proj for block in base.vit.layers]
         key = "base_model.model.vit.layers.{}.attention.v_proj"
@@ -566,6 +571,8 @@ def _plain_toast_logits(kind: str, base, tensors: dict, config: dict, inputs: di
         channel = _feedback_weight(tensors, "base_model.toast_channel", identity_base=True)
         if channel is not None:
             z = z @ channel.T
+        if dropout_mask is not None:
+            z = z * dropout_mask
 
         signals = {}
         for index in reversed(range(len(values))):
@@ -612,6 +619,34 @@ def test_output_recomputed_from_saved_tensors_with_plain_torch(kind, config, tmp
     expected = _plain_toast_logits(kind, reference, tensors, saved_config, inputs)
     torch.testing.assert_close(_logits(model, inputs), expected, rtol=0, atol=1e-5)
     assert not torch.allclose(expected, _logits(_base(kind), inputs), atol=1e-3), "the adapter must matter"
+
+
+def test_feedback_dropout_drops_the_selected_tokens_in_training_only(tmp_path):
+    """In training, `feedback_dropout` multiplies the selected tokens by one dropout mask before the feedback chain
+    (recomputed here from the saved tensors with that mask: the tiny ViT has no dropout of its own, so the mask is the
+    only draw of the call); in eval it does nothing."""
+    inputs = make_inputs("vit", batch=3)
+    model = _toast("vit", feedback_dropout=0.5)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    saved_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved_config["feedback_dropout"] == 0.5
+
+    model.train()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        trained = model(**inputs).logits
+    torch.manual_seed(7)
+    tokens = model.base_model.model.vit.embeddings(inputs["pixel_values"]).shape[1]
+    mask = torch.nn.functional.dropout(torch.ones(3, tokens, HIDDEN), p=0.5)  # the same draw
+    assert (mask == 0).any() and (mask == 2).any()
+    expected = _plain_toast_logits("vit", _base("vit"), tensors, saved_config, inputs, dropout_mask=mask)
+    torch.testing.assert_close(trained, expected, rtol=0, atol=1e-5)
+    undropped = _plain_toast_logits("vit", _base("vit"), tensors, saved_config, inputs)
+    assert not torch.allclose(trained, undropped, atol=1e-3), "the mask must matter"
+
+    model.eval()
+    torch.testing.assert_close(_logits(model, inputs), undropped, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ docs/format.md
