@@ -59,6 +59,7 @@ from peft_toast.state import CallState
 METHODS = (
     "linear", "lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-fast", "toast-r8", "toast-lite",
     "toast-contrast", "toast-oracle", "toast-top1", "toast-top2", "toast-top3", "toast-top6", "toast-top3-src",
+    "toast-drop10", "toast-drop30",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -77,6 +78,8 @@ LABELS = {
     "toast-top3": "TOAST, top 3 blocks steered",
     "toast-top6": "TOAST, top 6 blocks steered",
     "toast-top3-src": "TOAST, top 3 blocks, source pre-tuned",
+    "toast-drop10": "TOAST, feedback_dropout=0.1",
+    "toast-drop30": "TOAST, feedback_dropout=0.3",
 }
 TOAST_CONFIGS = {
     "toast": {},
@@ -93,6 +96,9 @@ TOAST_CONFIGS = {
     "toast-top3": {"layers_to_transform": [-3, -2, -1]},
     "toast-top6": {"layers_to_transform": [-6, -5, -4, -3, -2, -1]},
     "toast-top3-src": {"layers_to_transform": [-3, -2, -1]},
+    # Dropout on the selected tokens before they go down (training only): against the generalisation gap.
+    "toast-drop10": {"feedback_dropout": 0.1},
+    "toast-drop30": {"feedback_dropout": 0.3},
     # The source stages of "toast-src" and "toast-top3-src".
     "toast-pretune": {"variational_loss_weight": 0.1},
     "toast-top3-pretune": {"layers_to_transform": [-3, -2, -1], "variational_loss_weight": 0.1},
@@ -129,6 +135,7 @@ LEARNING_RATES["toast-src"] = LEARNING_RATES["toast"]
 for _method in ("toast-top1", "toast-top2", "toast-top3", "toast-top6"):
     LEARNING_RATES[_method] = LEARNING_RATES["toast"]
 LEARNING_RATES["toast-top3-src"] = LEARNING_RATES["toast"]
+LEARNING_RATES["toast-drop10"] = LEARNING_RATES["toast-drop30"] = LEARNING_RATES["toast"]
 
 
 def learning_rates(method: str, task: _data.Task) -> tuple[float, ...]:
@@ -139,6 +146,8 @@ def learning_rates(method: str, task: _data.Task) -> tuple[float, ...]:
 # The probe's own head-training budget (it runs on cached features: milliseconds per step).
 PROBE_STEPS = 400
 CANVAS = 112
+# The largest shift of an augmented training view (`--train-views`), as a share of the image side: 14 px on the canvas.
+SHIFT_FRACTION = 0.125
 OBJECT_SIZES = (28, 42)
 SIZES = {"train": 1000, "val": 200, "test": 500}
 TINY_SIZES = {"train": 48, "val": 16, "test": 16}
@@ -174,6 +183,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "transfer to the other classes (TOAST: cross-entropy + 0.1 x variational loss; LoRA: cross-entropy).",
     )
     parser.add_argument("--source-steps", type=int, default=300, help="Steps of the source stage (default 300).")
+    parser.add_argument(
+        "--train-views",
+        type=int,
+        default=1,
+        help="Image tasks: the training split holds this many views of each image (the original and random "
+        "horizontal flips + shifts of up to SHIFT_FRACTION of the side), every view's pass 1 cached; 1 = none.",
+    )
     parser.add_argument("--from-json", type=Path, nargs="+", help="Regenerate the docs from results files only.")
     parser.add_argument(
         "--assemble",
@@ -246,6 +262,26 @@ def cluttered_canvas(garment: np.ndarray, digits: list[np.ndarray], rng: np.rand
     return canvas, box
 
 
+def augmented_view(image: np.ndarray, box, rng: np.random.Generator):
+    """A random horizontal flip and a shift of up to `SHIFT_FRACTION` of the side (zeros fill in: the canvases are
+    black) of a square uint8 image; returns the view and the target box moved with it (None stays None)."""
+    side = image.shape[0]
+    limit = int(side * SHIFT_FRACTION)
+    flip = bool(rng.random() < 0.5)
+    dx, dy = (int(v) for v in rng.integers(-limit, limit + 1, size=2))
+    view = image[:, ::-1] if flip else image
+    shifted = np.zeros_like(view)
+    shifted[max(dy, 0) : side + min(dy, 0), max(dx, 0) : side + min(dx, 0)] = view[
+        max(-dy, 0) : side + min(-dy, 0), max(-dx, 0) : side + min(-dx, 0)
+    ]
+    if box is not None:
+        x0, y0, x1, y1 = box
+        if flip:
+            x0, x1 = side - x1, side - x0
+        box = tuple(int(np.clip(v, 0, side)) for v in (x0 + dx, y0 + dy, x1 + dx, y1 + dy))
+    return shifted, box
+
+
 def patch_coverage(box, canvas: int, patches: int) -> torch.Tensor:
     """The share of each of the `patches x patches` patches (row-major) that the box covers, `(patches**2,)`."""
     edges = np.linspace(0, canvas, patches + 1)
@@ -282,18 +318,33 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
     splits = {}
     for offset, (name, dataset) in enumerate(datasets.items()):
         rng = np.random.default_rng(1000 * clutter + offset)  # a fixed canvas per example, split and k
-        images, targets = [], []
+        pictures, boxes = [], []
         for garment in dataset["image"]:
             if digits is None:
-                images.append(garment.convert("RGB"))
+                pictures.append(np.asarray(garment))
+                boxes.append(None)
                 continue
             chosen = [digits[i] for i in rng.integers(0, len(digits), size=clutter)]
             canvas, box = cluttered_canvas(np.asarray(garment), chosen, rng)
-            images.append(Image.fromarray(canvas).convert("RGB"))
-            targets.append(torch.cat([torch.zeros(1), patch_coverage(box, CANVAS, patches)]))  # CLS first
+            pictures.append(canvas)
+            boxes.append(box)
+        labels = list(dataset["label"])
+        if name == "train" and args.train_views > 1:  # views 1.. of every image after all of view 0 (the original)
+            view_rng = np.random.default_rng(7 + 1000 * clutter)  # its own stream: view 0 stays the canvas above
+            originals = list(zip(pictures, boxes))
+            for _ in range(args.train_views - 1):
+                for picture, box in originals:
+                    picture, box = augmented_view(picture, box, view_rng)
+                    pictures.append(picture)
+                    boxes.append(box)
+            labels = labels * args.train_views
+        images = [Image.fromarray(picture).convert("RGB") for picture in pictures]
+        targets = [
+            torch.cat([torch.zeros(1), patch_coverage(box, CANVAS, patches)]) for box in boxes if box is not None
+        ]  # CLS first
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
         splits[name] = CachedSplit(
-            labels=torch.tensor(list(dataset["label"])),
+            labels=torch.tensor(labels),
             pixel_values=pixel_values,
             target=torch.stack(targets) if targets else None,
         )
@@ -306,6 +357,9 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
     if classes is not None:
         description += f", classes {' '.join(map(str, classes))}"
         name += "-" + "".join(map(str, classes))
+    if args.train_views > 1:
+        description += f", {args.train_views} training views per image (flip + shift)"
+        name += f"-views{args.train_views}"
     num_labels = len(classes or FASHION_MNIST_CLASSES)
     task = _data.Task(
         name=name,
@@ -774,6 +828,7 @@ def main(argv=None) -> dict:
             "probe_steps": PROBE_STEPS,
             "source_classes": args.source_classes,
             "source_steps": args.source_steps,
+            "train_views": args.train_views,
             "lr_grid": args.lr_grid,
             "tiny": args.tiny,
         },

@@ -420,6 +420,26 @@ def test_cluttered_canvas_places_the_garment_in_its_box_and_coverage_adds_up():
     assert transfer.patch_coverage((0, 0, 14, 14), transfer.CANVAS, 8).tolist() == [1.0] + [0.0] * 63
 
 
+def test_augmented_views_move_the_target_box_with_the_garment():
+    rng = np.random.default_rng(0)
+    canvas = np.zeros((transfer.CANVAS, transfer.CANVAS), dtype=np.uint8)
+    box = (80, 20, 110, 50)  # x0, y0, x1, y1: near the right edge, so some shifts cut it
+    canvas[20:50, 80:110] = np.arange(30, dtype=np.uint8)[None, :] + 100  # brightness grows to the right
+    flips, cut = set(), False
+    for _ in range(20):
+        view, (x0, y0, x1, y1) = transfer.augmented_view(canvas, box, rng)
+        bright = np.argwhere(view > 0)
+        assert (bright[:, 1].min(), bright[:, 0].min(), bright[:, 1].max() + 1, bright[:, 0].max() + 1) == (
+            x0, y0, x1, y1,
+        )  # fmt: skip
+        row = view[y0, x0:x1].astype(int)
+        flips.add(bool(row[0] > row[-1]))  # brightness falling to the right: flipped
+        limit = int(transfer.CANVAS * transfer.SHIFT_FRACTION)
+        assert abs((y1 + y0) - 70) <= 2 * limit
+        cut |= x1 - x0 < 30
+    assert flips == {True, False} and cut
+
+
 def test_initial_gate_shares_weight_the_gates_by_target_coverage():
     task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
     test = task.splits["test"]
