@@ -1,18 +1,26 @@
 """Per-call state: the top-down signals belong to one forward call, never to the model.
 
-The signals of a call live in a `ContextVar`: every thread (and every asyncio task) sees only its own, nested calls
-restore the outer call's signals when they return, and a call that raises cannot leave its signals behind for the
-next one. Gradient checkpointing recomputes blocks later, possibly on the autograd engine's own threads (CUDA), which
-do not see the forward thread's context; `checkpoint_with_signals` hands the recomputation the exact signals the
-block saw through `torch.utils.checkpoint`'s `context_fn`.
+The state of the running call is a per-thread attribute (`threading.local`): every thread sees only its own, a call
+makes its state current in the model's forward pre-hook and its post-hook (always called, also when the call raises)
+puts back the state that was current before, so nested calls restore the outer call's signals when they return and a
+call that raises cannot leave its signals behind for the next one. A forward call is synchronous from its pre-hook to
+its post-hook, so asyncio tasks, which share a thread, never see each other's state either. Gradient checkpointing
+recomputes blocks later, possibly on the autograd engine's own threads (CUDA), which do not see the forward thread's
+state; `checkpoint_with_signals` hands the recomputation the exact signals the block saw through
+`torch.utils.checkpoint`'s `context_fn`.
+
+Why not a `ContextVar`: `torch.compile` cannot trace `ContextVar.get`, and a graph break in every block's forward made
+dynamo compile every block on its own, once per block index, up to its recompile limit. It traces an attribute of a
+`threading.local` (its guards read the attribute in the calling thread), so a compiled model reads the state inside its
+graphs (`docs/training.md`, "torch.compile").
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable
-from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -41,10 +49,17 @@ class CallState:
     shared_blocks: int = 0
     shared_output: Any = None
     call: Any = None  # the running `passes.steered_call` generator, between the model's pre- and post-hook
-    token: Optional[Token] = field(default=None, repr=False)
+    # While pushed (`push_state`): `(the state that was current before,)`, put back by `pop_state`; None otherwise.
+    token: Optional[tuple] = field(default=None, repr=False)
 
 
-_STATE: ContextVar[Optional[CallState]] = ContextVar("peft_toast_call_state", default=None)
+class _Current(threading.local):
+    """The running call's state, one per thread (the class attribute is every new thread's start: no call)."""
+
+    state: Optional[CallState] = None
+
+
+_CURRENT = _Current()
 
 
 class Pass1Done(Exception):
@@ -52,37 +67,42 @@ class Pass1Done(Exception):
 
 
 def current_state() -> Optional[CallState]:
-    return _STATE.get()
+    return _CURRENT.state
 
 
 def current_signal(layer) -> Optional[torch.Tensor]:
-    state = _STATE.get()
+    state = _CURRENT.state
     if state is None or state.signals is None:
         return None
     return state.signals.get(layer)
 
 
 def push_state(state: CallState) -> CallState:
-    state.token = _STATE.set(state)
+    """Make `state` this thread's current state until `pop_state`."""
+    state.token = (_CURRENT.state,)
+    _CURRENT.state = state
     return state
 
 
 def pop_state() -> Optional[CallState]:
-    """Undo the latest `push_state` of this context and return its state."""
-    state = _STATE.get()
+    """Undo the latest `push_state` of this thread and return its state."""
+    state = _CURRENT.state
     if state is not None and state.token is not None:
-        token, state.token = state.token, None
-        _STATE.reset(token)
+        (previous,) = state.token
+        state.token = None
+        _CURRENT.state = previous
     return state
 
 
 @contextlib.contextmanager
 def use_state(state: Optional[CallState]):
-    token = _STATE.set(state)
+    """Make `state` this thread's current state inside the `with` block."""
+    previous = _CURRENT.state
+    _CURRENT.state = state
     try:
         yield state
     finally:
-        _STATE.reset(token)
+        _CURRENT.state = previous
 
 
 def checkpoint_with_signals(checkpoint_fn: Callable) -> Callable:
@@ -92,7 +112,7 @@ def checkpoint_with_signals(checkpoint_fn: Callable) -> Callable:
 
     @functools.wraps(checkpoint_fn)
     def checkpoint(function, *args, **kwargs):
-        state = _STATE.get()
+        state = _CURRENT.state
         if state is None or not state.signals:
             return checkpoint_fn(function, *args, **kwargs)
         keywords = {**getattr(checkpoint_fn, "keywords", {}), **kwargs}
