@@ -27,6 +27,7 @@ import _results  # noqa: E402
 import _timing  # noqa: E402
 import _training  # noqa: E402
 import calibration_speed  # noqa: E402
+import compile as compile_benchmark  # noqa: E402
 import cost  # noqa: E402
 import memory_at_scale  # noqa: E402
 import prompt_init  # noqa: E402
@@ -187,6 +188,32 @@ def test_cost_tiny_quick_reports_times_and_ratios(tmp_path):
         generate["shape"]["new_tokens"] / generate["median_seconds"]["base"]
     )
     assert "train_memory_vs_lora" not in results["families"]["text"]["ratios"]
+
+
+def test_compile_tiny_times_compiled_and_eager_steps_without_compiling_while_timed(tmp_path):
+    output = tmp_path / "compile.json"
+    args = ["--tiny", "--backend", "eager", "--repeats", "2", "--output", str(output), "--threads", "1"]
+    try:
+        compile_benchmark.main(args)  # backend "eager": dynamo's frames and guards, no code generation (seconds)
+    finally:
+        torch._dynamo.reset()
+    results = json.loads(output.read_text())
+    entry = results["families"]["vision"]
+    names = {"toast", "toast-compiled", "lora", "lora-compiled"}
+    assert set(entry["median_seconds"]) == set(entry["first_calls_seconds"]) == names
+    for name, times in entry["seconds"].items():
+        assert len(times) == 2 and entry["median_seconds"][name] == _timing.median(times)
+    median = entry["median_seconds"]
+    assert entry["ratios"]["toast_compiled_vs_eager"] == pytest.approx(median["toast-compiled"] / median["toast"])
+    assert entry["ratios"]["toast_vs_lora_compiled"] == pytest.approx(
+        median["toast-compiled"] / median["lora-compiled"]
+    )
+    # The first call compiles, the second at most a few frames, the timed rounds nothing.
+    toast = entry["dynamo"]["toast-compiled"]
+    assert toast["frames_compiled_per_call"][0] > 0 and toast["frames_compiled_per_call"][1] <= 3
+    assert entry["compiles_while_timed"] == 0
+    assert all(difference < 1e-5 for difference in entry["loss_difference"].values())
+    assert "| vision (batch 4, px 28) | toast |" in compile_benchmark.table(results)
 
 
 def test_top_blocks_tiny_reports_every_k_with_cached_and_uncached_steps(tmp_path):
