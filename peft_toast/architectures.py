@@ -45,9 +45,10 @@ class ToastArchitecture:
             `num_key_value_heads` or `multi_query`, `head_dim`):
             `"contiguous"` (or `True`): `[q | k | v]` of sizes `(h, k, k) x head_dim` (GPT-2, Phi-3, ModernBERT,
             multi-query GPT-BigCode); `"per_head"`: `h` groups of `[q_i | k_i | v_i]` (GPT-NeoX, Bloom);
-            `"grouped"`: `k` groups of `[q ... q | k_j | v_j]` (Falcon's new decoder architecture); `"auto"`: grouped
-            if the config says `new_decoder_architecture`, contiguous if `multi_query`, per-head otherwise (Falcon,
-            GPT-BigCode). A layout whose sizes do not add up to the projection's output is refused.
+            `"grouped"`: `k` groups of `[q ... q | k_j | v_j]` (Falcon's new decoder architecture);
+            `"sharded_qvk"`: 4 model-parallel shards of `[q | v | k]` (CodeGen); `"auto"`: grouped if the config says
+            `new_decoder_architecture`, contiguous if `multi_query`, per-head otherwise (Falcon, GPT-BigCode). A layout
+            whose sizes do not add up to the projection's output is refused.
         final_norm: path of the norm after the last block, relative to the backbone, or None.
         causal: decoder (causal attention). The pass-1 feature is then the last block's output *before* the final
             norm, and generation keeps a second KV cache. Encoders use the output *after* the final norm (or the last
@@ -69,7 +70,9 @@ class ToastArchitecture:
 
 
 # Layouts of a fused query/key/value projection's output (see `ToastArchitecture.fused_qkv`).
-FUSED_LAYOUTS = ("contiguous", "per_head", "grouped", "auto")
+FUSED_LAYOUTS = ("contiguous", "per_head", "grouped", "sharded_qvk", "auto")
+# CodeGen trained with its fused projection split over 4 model-parallel shards (`mp_num` in its attention).
+SHARDS = 4
 
 
 _LLAMA_LIKE = ToastArchitecture(blocks="layers", value="self_attn.v_proj", final_norm="norm", causal=True)
@@ -87,6 +90,15 @@ ARCHITECTURES: dict[str, ToastArchitecture] = {
     "t5": ToastArchitecture(
         blocks="encoder.block", value="layer.0.SelfAttention.v", final_norm="encoder.final_layer_norm"
     ),
+    # Pre-norm BERTs: the final norm belongs to the encoder stack.
+    "xlm-roberta-xl": ToastArchitecture(
+        blocks="encoder.layer", value="attention.self.value", final_norm="encoder.LayerNorm"
+    ),
+    "megatron-bert": ToastArchitecture(blocks="encoder.layer", value="attention.self.value", final_norm="encoder.ln"),
+    # MobileBERT: the values read the block's full-width input (queries and keys its bottleneck); inspection would take
+    # the longer stack of feed-forward layers inside each block for the blocks.
+    "mobilebert": ToastArchitecture(blocks="encoder.layer", value="attention.self.value"),
+    "deberta": ToastArchitecture(blocks="encoder.layer", value="attention.self.in_proj", fused_qkv="per_head"),
     # decoders
     "gpt2": ToastArchitecture(blocks="h", value="attn.c_attn", fused_qkv=True, final_norm="ln_f", causal=True),
     "gpt_neox": ToastArchitecture(
@@ -111,6 +123,19 @@ ARCHITECTURES: dict[str, ToastArchitecture] = {
     "modernbert": ToastArchitecture(
         blocks="layers", value="attn.Wqkv", fused_qkv="contiguous", final_norm="final_norm"
     ),
+    "persimmon": ToastArchitecture(
+        blocks="layers",
+        value="self_attn.query_key_value",
+        fused_qkv="per_head",
+        final_norm="final_layernorm",
+        causal=True,
+    ),
+    "mpt": ToastArchitecture(
+        blocks="blocks", value="attn.Wqkv", fused_qkv="contiguous", final_norm="norm_f", causal=True
+    ),
+    "codegen": ToastArchitecture(
+        blocks="h", value="attn.qkv_proj", fused_qkv="sharded_qvk", final_norm="ln_f", causal=True
+    ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -119,10 +144,36 @@ ARCHITECTURES: dict[str, ToastArchitecture] = {
     "gemma2": _LLAMA_LIKE,
 }
 
+# Model families TOAST cannot steer, with the reason and what to do instead: `resolve_architecture` refuses them.
+REFUSED_ARCHITECTURES: dict[str, str] = {
+    "albert": (
+        "ALBERT runs one shared block (`num_hidden_groups` of them) for all of its `num_hidden_layers` layers, so a "
+        "block's value projection cannot take a different top-down signal at each layer, and the pass-1 feature "
+        "would be caught after the first layer. Use a model with one block per layer (BERT, RoBERTa, DeBERTa, "
+        "ELECTRA)."
+    ),
+    "funnel": (
+        "Funnel Transformer pools the sequence between its blocks, so the top-layer tokens that TOAST sends down do "
+        "not line up with the tokens of the lower blocks. Use a model that keeps one token per input position in "
+        "every block (BERT, RoBERTa, DeBERTa, ELECTRA)."
+    ),
+    "vit_mae": (
+        "ViTMAEModel masks and shuffles a random subset of the patches in every forward call, so TOAST's two passes "
+        "would see different tokens. Load the checkpoint as a plain ViT, which keeps every patch in order: "
+        "`ViTModel.from_pretrained(...)` or `ViTForImageClassification.from_pretrained(...)`."
+    ),
+    "swin": (
+        "Swin is hierarchical: its stages change the hidden size and merge tokens, so the top-layer tokens that TOAST "
+        "sends down fit neither the size nor the positions of the lower blocks. Use a backbone with one hidden size "
+        "and one token per patch in every block (ViT, DeiT, BEiT, DINOv2)."
+    ),
+}
+
+
 # Model types whose registry entry is exercised by the test suite (the rest are declared from their module layout).
 TESTED_MODEL_TYPES = (
     "vit", "dinov2", "bert", "gpt2", "llama", "mistral", "gpt_neox", "bloom", "falcon", "gpt_bigcode", "phi3",
-    "modernbert", "clip_vision_model", "t5",
+    "modernbert", "clip_vision_model", "t5", "deberta", "persimmon", "mpt", "codegen",
 )  # fmt: skip
 
 
@@ -160,9 +211,17 @@ def fused_value_index(config, layout: Union[bool, str], out_features: int) -> to
         group = heads // kv_heads + 2
         expected = kv_heads * group * head_dim
         index = (torch.arange(kv_heads)[:, None] * group * head_dim + (group - 1) * head_dim + slots).flatten()
+    elif layout == "sharded_qvk":  # SHARDS x [q | v | k], each of heads * head_dim / SHARDS
+        expected = 3 * heads * head_dim
+        local = heads * head_dim // SHARDS
+        index = (torch.arange(SHARDS)[:, None] * 3 * local + local + torch.arange(local)).flatten()
     else:
         raise ValueError(f"Unknown fused layout {layout!r}; use one of {FUSED_LAYOUTS}.")
-    if expected != out_features or (layout == "grouped" and heads % kv_heads):
+    if (
+        expected != out_features
+        or (layout == "grouped" and heads % kv_heads)
+        or (layout == "sharded_qvk" and heads * head_dim % SHARDS)
+    ):
         raise ValueError(
             f"The fused query/key/value projection has {out_features} outputs, but the {layout!r} layout with "
             f"{heads} query heads, {kv_heads} key/value heads and head_dim {head_dim} needs {expected}: the signal "
@@ -173,10 +232,12 @@ def fused_value_index(config, layout: Union[bool, str], out_features: int) -> to
 
 
 def register_architecture(model_type: str, architecture: ToastArchitecture) -> None:
-    """Teach TOAST a model family (`config.model_type`), or override a registered one."""
+    """Teach TOAST a model family (`config.model_type`), or override a registered one (or a refused one: the
+    declaration then takes the responsibility for what `REFUSED_ARCHITECTURES` says)."""
     if not isinstance(architecture, ToastArchitecture):
         raise TypeError(f"`architecture` must be a ToastArchitecture, got {type(architecture).__name__}.")
     ARCHITECTURES[model_type] = architecture
+    REFUSED_ARCHITECTURES.pop(model_type, None)
 
 
 @dataclass
@@ -242,10 +303,13 @@ def resolve_architecture(model: nn.Module, target_modules=None) -> ResolvedArchi
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) or type(model).__name__
     _refuse_encoder_decoder(model, model_type)
+    if model_type in REFUSED_ARCHITECTURES:
+        raise ValueError(f"TOAST cannot steer model type {model_type!r}: {REFUSED_ARCHITECTURES[model_type]}")
     backbone = getattr(model, "base_model", model)
     if not isinstance(backbone, nn.Module):
         backbone = model
-    architecture = ARCHITECTURES.get(model_type) or _inspect(backbone, model_type)
+    inspected = model_type not in ARCHITECTURES
+    architecture = _inspect(backbone, model_type) if inspected else ARCHITECTURES[model_type]
 
     names = {module: name for name, module in model.named_modules()}
     blocks_list = _get(backbone, architecture.blocks, model_type, "blocks")
@@ -255,14 +319,40 @@ def resolve_architecture(model: nn.Module, target_modules=None) -> ResolvedArchi
             + _how_to_declare(model_type)
         )
     blocks = list(blocks_list)
+    layers = getattr(config, "num_hidden_layers", None)
+    if inspected and isinstance(layers, int) and layers != len(blocks):
+        raise ValueError(
+            f"TOAST found {len(blocks)} blocks in `{architecture.blocks}` of model type {model_type!r}, but its "
+            f"config has num_hidden_layers={layers}: that stack is not one block per layer (another repeated module, "
+            f"or blocks shared between layers, which cannot take a different signal at each layer). "
+            + _how_to_declare(model_type)
+        )
     block_names = [names[block] for block in blocks]
     if target_modules is None:
         value_names = [names[_get(block, architecture.value, model_type, "value")] for block in blocks]
     else:
         value_names = _match_targets(model, block_names, target_modules)
         _check_targets_are_value_projections(model, value_names, target_modules)
+    _check_one_hidden_size(model, model_type, value_names)
     final_norm = _get(backbone, architecture.final_norm, model_type, "final_norm") if architecture.final_norm else None
     return ResolvedArchitecture(architecture, backbone, blocks, block_names, value_names, final_norm)
+
+
+def _check_one_hidden_size(model: nn.Module, model_type: str, value_names: list[str]) -> None:
+    """Refuse a model whose value projections read different hidden sizes in different blocks: TOAST sends the
+    top-layer tokens down to every block unchanged (a hierarchical backbone changes the hidden size, and merges tokens,
+    between its stages)."""
+    from .layer import value_input_features
+
+    modules = [model.get_submodule(name) for name in value_names]
+    sizes = [value_input_features(getattr(module, "base_layer", module)) for module in modules]
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"The value projections of model type {model_type!r} read different hidden sizes in different blocks "
+            f"({', '.join(map(str, sizes))}): the model is hierarchical (its stages change the hidden size, as in "
+            f"Swin or PVT), and TOAST sends the top-layer tokens down to every block unchanged. Use a backbone with "
+            f"one hidden size and one token per position in every block (ViT, DeiT, BEiT, DINOv2)."
+        )
 
 
 def _refuse_encoder_decoder(model: nn.Module, model_type: str) -> None:
@@ -388,9 +478,27 @@ def _inspect(backbone: nn.Module, model_type: str) -> ToastArchitecture:
             f"type {model_type!r}; fused query/key/value projections need a declaration. "
             + _how_to_declare(model_type)
         )
-    causal = any(getattr(module, "is_causal", False) is True for module in block.modules())
+    causal = any(getattr(module, "is_causal", False) is True for module in block.modules()) or _is_decoder_family(
+        getattr(backbone, "config", None), model_type
+    )
     final_norm = None
     for name, module in backbone.named_children():
         if name in FINAL_NORM_NAMES and not isinstance(module, nn.ModuleList):
             final_norm = name
     return ToastArchitecture(blocks=names[stack], value=value, final_norm=final_norm, causal=causal)
+
+
+def _is_decoder_family(config, model_type: str) -> bool:
+    """Whether transformers knows `model_type` as a decoder: its config says `is_decoder`, or the family has a
+    causal-LM class and no masked-LM one (BERT-like encoders have both, and are decoders only with
+    `is_decoder=True`). For decoders whose attention modules carry no `is_causal` flag (XGLM)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "is_decoder", False):
+        return True
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

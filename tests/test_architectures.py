@@ -30,6 +30,8 @@ from peft_toast import ToastArchitecture, ToastConfig, ToastModel, architectures
 from peft_toast.architectures import ARCHITECTURES, resolve_architecture
 from peft_toast.layer import ToastLayer
 
+_SMALL_ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+
 # name: (factory, factory kwargs, input kind, value projection of block {i}, feature)
 # The feature is named by how the test computes it independently from an untouched copy of the base model:
 # "last_hidden_state" (encoders: after the final norm), "last_block" (decoders and BERT: the last block's output).
@@ -286,6 +288,24 @@ def test_model_without_blocks_says_how_to_declare_it():
         ValueError, match=r"found no stack of transformer blocks.*register_architecture\('tiny_custom'"
     ):
         get_peft_model(NoBlocks(), ToastConfig())
+
+
+def test_inspection_refuses_a_stack_that_is_not_one_block_per_layer(monkeypatch):
+    """ALBERT (refused by name) runs one shared block for all its layers; without its refusal, inspection finds a stack
+    of 1 block where the config says 2 layers and refuses it instead of catching the feature after the first layer."""
+    config = transformers.AlbertConfig(embedding_size=32, vocab_size=VOCAB, **_SMALL_ENCODER)
+    with pytest.raises(ValueError, match=r"cannot steer model type 'albert': ALBERT runs one shared block"):
+        get_peft_model(transformers.AlbertModel(config), ToastConfig())
+    monkeypatch.delitem(architectures.REFUSED_ARCHITECTURES, "albert")
+    with pytest.raises(ValueError, match=r"found 1 blocks in .* num_hidden_layers=2.*register_architecture\('albert'"):
+        get_peft_model(transformers.AlbertModel(config), ToastConfig())
+
+
+def test_a_declaration_overrides_a_refusal(monkeypatch):
+    monkeypatch.setattr(architectures, "ARCHITECTURES", dict(ARCHITECTURES))
+    monkeypatch.setattr(architectures, "REFUSED_ARCHITECTURES", dict(architectures.REFUSED_ARCHITECTURES))
+    register_architecture("vit_mae", ToastArchitecture(blocks="layers", value="attention.v_proj"))
+    assert "vit_mae" not in architectures.REFUSED_ARCHITECTURES
 
 
 def test_register_architecture_teaches_a_custom_model(monkeypatch):

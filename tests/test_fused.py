@@ -1,6 +1,7 @@
 """Fused query/key/value projections (`ToastArchitecture.fused_qkv`): the signal lands on the values and nowhere else,
 for every layout transformers uses — contiguous with grouped or multi-query heads (Phi-3, GPT-BigCode, ModernBERT,
-GPT-2), interleaved per head (GPT-NeoX, Bloom, Falcon) and grouped (Falcon's new decoder architecture).
+GPT-2, MPT), interleaved per head (GPT-NeoX, Bloom, Falcon, Persimmon, DeBERTa), grouped (Falcon's new decoder
+architecture) and sharded `[q | v | k]` (CodeGen).
 
 Where the values are is checked against the model's own attention code, not against our index: changing the fused
 weight's rows at our value positions leaves every attention probability unchanged (they only carry values), while
@@ -53,12 +54,25 @@ FAMILIES = {
         )
     ),  # fmt: skip
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_head=4, n_layer=2, **_TOKENS)),
+    "persimmon": lambda: transformers.PersimmonForCausalLM(
+        transformers.PersimmonConfig(hidden_size=32, num_attention_heads=4, intermediate_size=37, **_SMALL)
+    ),
+    "mpt": lambda: transformers.MptForCausalLM(transformers.MptConfig(d_model=32, n_heads=4, n_layers=2, **_TOKENS)),
+    "codegen-sharded": lambda: transformers.CodeGenForCausalLM(
+        transformers.CodeGenConfig(n_embd=32, n_head=4, n_layer=2, rotary_dim=4, **_TOKENS)
+    ),
+    "deberta": lambda: transformers.DebertaForMaskedLM(
+        transformers.DebertaConfig(hidden_size=32, num_attention_heads=4, intermediate_size=37, **_SMALL)
+    ),
     "modernbert": lambda: transformers.ModernBertForMaskedLM(
         transformers.ModernBertConfig(
             hidden_size=32, num_attention_heads=4, intermediate_size=37, global_attn_every_n_layers=1, **_MODERNBERT
         )
     ),  # fmt: skip
 }
+
+
+ENCODERS = ("modernbert", "deberta")
 
 
 def _model(family: str):
@@ -128,7 +142,7 @@ def test_a_nonzero_adapter_moves_the_outputs_but_not_block_0_attention(family):
         assert torch.equal(peft(**INPUTS).logits, base_logits)
 
 
-@pytest.mark.parametrize("family", [name for name in FAMILIES if name != "modernbert"])
+@pytest.mark.parametrize("family", [name for name in FAMILIES if name not in ENCODERS])
 def test_cached_generation_equals_uncached(family):
     peft = get_peft_model(_model(family), ToastConfig())
     randomize_adapter(peft)
