@@ -170,13 +170,6 @@ REFUSED_ARCHITECTURES: dict[str, str] = {
 }
 
 
-# Model types whose registry entry is exercised by the test suite (the rest are declared from their module layout).
-TESTED_MODEL_TYPES = (
-    "vit", "dinov2", "bert", "gpt2", "llama", "mistral", "gpt_neox", "bloom", "falcon", "gpt_bigcode", "phi3",
-    "modernbert", "clip_vision_model", "t5", "deberta", "persimmon", "mpt", "codegen",
-)  # fmt: skip
-
-
 def fused_value_index(config, layout: Union[bool, str], out_features: int) -> torch.Tensor:
     """The positions of the values in the output of a fused query/key/value projection (`ToastArchitecture.fused_qkv`),
     `(kv_heads * head_dim,)`, from the model config's head counts; raises if the layout's sizes do not add up."""

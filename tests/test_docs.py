@@ -264,11 +264,18 @@ def test_configuration_page_covers_every_field_with_its_help():
     assert set(gen_docs.docstring_args(ToastConfig)) >= {field.name for field in fields}
 
 
-def test_architectures_page_marks_each_registry_entry():
+def test_architectures_page_lists_every_family_of_the_sweep_and_marks_each_registry_entry():
+    from support_matrix import FAMILIES
+
     page = (ROOT / "docs/architectures.md").read_text()
+    matrix, registry = page.split("## The registry")
+    tested = {family.model_type for family in FAMILIES if family.refused is None}
+    for family in FAMILIES:
+        row = next(line for line in matrix.splitlines() if line.startswith(f"| `{family.model_type}` |"))
+        assert f"| {'tested' if family.refused is None else 'refused'} |" in row
     for model_type in architectures.ARCHITECTURES:
-        status = "tested" if model_type in architectures.TESTED_MODEL_TYPES else "untested"
-        row = next(line for line in page.splitlines() if line.startswith(f"| `{model_type}` |"))
+        status = "tested" if model_type in tested else "untested"
+        row = next(line for line in registry.splitlines() if line.startswith(f"| `{model_type}` |"))
         assert row.endswith(f"| {status} |")
 
 
