@@ -8,6 +8,7 @@ maps (`toast_down` = `A_l`, `toast_readout` = `C_l`), one per adapter, so PEFT's
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -60,6 +61,18 @@ class ToastLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.in_features = value_input_features(base_layer)
+        weight = getattr(self.get_base_layer(), "weight", None)
+        if value_index is not None and is_torchao_tensor(weight) and not weight.is_meta:
+            try:  # a fused projection's value rows come from the dequantised weight on every steered forward
+                weight.dequantize()
+            except Exception as error:
+                raise ValueError(
+                    f"This fused query/key/value projection holds a torchao weight ({type(weight).__name__}) that "
+                    f"cannot be dequantised ({type(error).__name__}: {error}); TOAST needs the value rows of its "
+                    f"weight. Keep the projection in full precision (`TorchAoConfig(..., "
+                    f"modules_to_not_convert=[...])`) or quantize it with a weight-only config such as "
+                    f"`Int8WeightOnlyConfig()`."
+                ) from error
 
     def update_layer(self, adapter_name: str, config, with_readout: bool) -> None:
         """Create block `l`'s down-map (and readout, if this block receives a signal) for `adapter_name`."""
@@ -84,10 +97,12 @@ class ToastLayer(nn.Module, BaseTunerLayer):
         return self.value_index is not None
 
     def _value_weight(self) -> torch.Tensor:
-        """The `(out, d)` weight `W_v` that maps a hidden state to values (the value rows of a fused projection)."""
+        """The `(out, d)` weight `W_v` that maps a hidden state to values (the value rows of a fused projection); a
+        torchao-quantized weight dequantised, so that the product never reads its packed data."""
         base = self.get_base_layer()
+        weight = base.weight.dequantize() if is_torchao_tensor(base.weight) else base.weight
         # transformers' Conv1D (GPT-2) stores its weight transposed, (d, out).
-        weight = base.weight if isinstance(base, nn.Linear) else base.weight.T
+        weight = weight if isinstance(base, nn.Linear) else weight.T
         if self.value_index is None:
             return weight
         if self._value_span is not None:
@@ -129,6 +144,56 @@ def value_input_features(base_layer: nn.Module) -> int:
     if isinstance(base_layer, nn.Linear):
         return base_layer.in_features
     return base_layer.weight.shape[0]
+
+
+def is_torchao_tensor(weight) -> bool:
+    """Whether `weight` is one of torchao's quantized tensor subclasses (`Int8Tensor`, `IntxUnpackedToInt8Tensor`,
+    `Float8Tensor`, ...); torchao is not imported for it (a model cannot hold its tensors unless it was)."""
+    if "torchao" not in sys.modules:
+        return False
+    from torchao.utils import TorchAOBaseTensor
+
+    return isinstance(weight, TorchAOBaseTensor)
+
+
+def check_torchao_weights(model: nn.Module, inference_mode: bool) -> None:
+    """Refuse, when the adapter is created, the torchao-quantized linear layers TOAST cannot run or train through.
+
+    Each one multiplies one row of ones, which tells apart what its tensor subclass does rather than what its class
+    name suggests: a weight whose product does not run on its device (a layout without kernels there), and,
+    unless the adapter is only used for inference, one that quantizes its input too (dynamic activation quantization,
+    e.g. `Int8DynamicActivationInt8WeightConfig`): no gradient reaches the input of such a layer, so the signal, which
+    enters the value projections' inputs and whose gradient flows back through every block above, could not train.
+    Weight-only configs (`Int8WeightOnlyConfig`, `IntxWeightOnlyConfig`, `Float8WeightOnlyConfig`) pass."""
+    if "torchao" not in sys.modules:
+        return
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or not is_torchao_tensor(weight) or weight.is_meta:
+            continue
+        probe = torch.ones(1, module.in_features, dtype=weight.dtype, device=weight.device, requires_grad=True)
+        try:
+            with torch.enable_grad():
+                output = F.linear(probe, weight)
+        except Exception as error:
+            raise ValueError(
+                f"`{name}` holds a torchao weight ({type(weight).__name__}) whose product does not run on "
+                f"{weight.device} ({type(error).__name__}: {error}). Quantize with a config that runs there (on CPU: "
+                f"`Int8WeightOnlyConfig()`, or `IntxWeightOnlyConfig(weight_dtype=torch.int4, "
+                f"granularity=PerGroup(32))` for 4 bits), or keep this layer in full precision "
+                f"(`TorchAoConfig(..., modules_to_not_convert=['{name.rsplit('.', 1)[-1]}'])`)."
+            ) from error
+        if inference_mode or torch.is_inference_mode_enabled():
+            continue
+        if not output.requires_grad or torch.autograd.grad(output.sum(), probe, allow_unused=True)[0] is None:
+            raise ValueError(
+                f"`{name}` holds a torchao weight ({type(weight).__name__}) that quantizes its input too (dynamic "
+                f"activation quantization): no gradient passes through the layer, so TOAST, whose signal enters the "
+                f"value projections' inputs and learns from the gradient that flows back through every block above, "
+                f"cannot train. Quantize the weights only (`Int8WeightOnlyConfig()`, `IntxWeightOnlyConfig(...)`, "
+                f"`Float8WeightOnlyConfig()`), or use this base for inference only (`PeftModel.from_pretrained(base, "
+                f"path)`, or `ToastConfig(inference_mode=True)`)."
+            )
 
 
 _NO_MERGE = (

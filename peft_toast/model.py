@@ -20,7 +20,7 @@ from .architectures import (
     resolve_architecture,
 )
 from .config import ToastConfig
-from .layer import ToastLayer, adapter_factory, value_input_features
+from .layer import ToastLayer, adapter_factory, check_torchao_weights, value_input_features
 from .passes import FEATURES_ARGUMENT, steered_call
 from .state import CallState, checkpoint_with_signals, current_state, pop_state, push_state
 from .topdown import FeedbackMap
@@ -165,6 +165,7 @@ class ToastModel(BaseTuner):
             self.toast_channel[adapter_name] = FeedbackMap(dim, init="identity", rank=rank, **factory)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        check_torchao_weights(model, self.peft_config[adapter_name].inference_mode)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         # `add_adapter` injects without `_post_injection_hook`: the hooks and the list of wrapped layers must include
         # the value projections this adapter wrapped (an adapter that steers lower blocks than the first one).
