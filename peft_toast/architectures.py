@@ -53,6 +53,9 @@ class ToastArchitecture:
         causal: decoder (causal attention). The pass-1 feature is then the last block's output *before* the final
             norm, and generation keeps a second KV cache. Encoders use the output *after* the final norm (or the last
             block's output when there is none, as in BERT).
+        note: what a user should know about where TOAST sits in this family (e.g. that a vision-language model's
+            vision tower runs in both passes but is not steered); logged when an adapter is created and shown in the
+            tuner's repr.
     """
 
     blocks: str
@@ -60,6 +63,7 @@ class ToastArchitecture:
     fused_qkv: Union[bool, str] = False
     final_norm: Optional[str] = None
     causal: bool = False
+    note: Optional[str] = None
 
     def __post_init__(self):
         if self.fused_qkv not in (False, True, *FUSED_LAYOUTS):
@@ -76,6 +80,22 @@ SHARDS = 4
 
 
 _LLAMA_LIKE = ToastArchitecture(blocks="layers", value="self_attn.v_proj", final_norm="norm", causal=True)
+# Vision-language models: TOAST steers the language model. Pass 1 is the whole model's forward (vision encoder,
+# projector and language model), so the image tokens are part of the pass-1 sequence and the prompt can select them;
+# pass 2 adds the feedback to the language model's values. The paths assume a language model laid out like LLaMA
+# (`layers`, `self_attn.v_proj`, `norm`: LLaMA, Vicuna, Mistral, Qwen2, Gemma); another one raises at creation, naming
+# the path that does not exist.
+_VLM_NOTE = (
+    "TOAST steers the language model's blocks only: the vision encoder and its projector run in both passes (so the "
+    "image tokens are part of the pass-1 sequence and the prompt can select them) but receive no signal."
+)
+_LLAVA_LIKE = ToastArchitecture(
+    blocks="language_model.layers",
+    value="self_attn.v_proj",
+    final_norm="language_model.norm",
+    causal=True,
+    note=_VLM_NOTE,
+)
 
 ARCHITECTURES: dict[str, ToastArchitecture] = {
     # encoders
@@ -142,6 +162,9 @@ ARCHITECTURES: dict[str, ToastArchitecture] = {
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
+    # vision-language models (their language model)
+    "llava": _LLAVA_LIKE,
+    "qwen2_vl": _LLAVA_LIKE,
 }
 
 # Model families TOAST cannot steer, with the reason and what to do instead: `resolve_architecture` refuses them.
@@ -224,6 +247,14 @@ def fused_value_index(config, layout: Union[bool, str], out_features: int) -> to
     return index
 
 
+def blocks_config(config):
+    """The config that describes the steered blocks (hidden size, head counts, `use_cache`): a vision-language
+    model's text config, whose top-level config declares none of them; any other model's own config."""
+    if config is None or hasattr(config, "hidden_size") or not callable(getattr(config, "get_text_config", None)):
+        return config
+    return config.get_text_config()
+
+
 def register_architecture(model_type: str, architecture: ToastArchitecture) -> None:
     """Teach TOAST a model family (`config.model_type`), or override a registered one (or a refused one: the
     declaration then takes the responsibility for what `REFUSED_ARCHITECTURES` says)."""
@@ -260,12 +291,13 @@ def model_dims(model: nn.Module, resolved: ResolvedArchitecture) -> dict:
     """The dimensions an adapter depends on: recorded in `ToastConfig.base_model_dims` when the adapter is created and
     compared with the base model when it is loaded. Sizes the model config does not declare are left out."""
     config = getattr(model, "config", None)
+    sizes = blocks_config(config)
     dims = {
         "model_type": getattr(config, "model_type", None) or type(model).__name__,
-        "hidden_size": getattr(config, "hidden_size", None),
+        "hidden_size": getattr(sizes, "hidden_size", None),
         "num_blocks": len(resolved.blocks),
-        "num_attention_heads": getattr(config, "num_attention_heads", None),
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+        "num_attention_heads": getattr(sizes, "num_attention_heads", None),
+        "num_key_value_heads": getattr(sizes, "num_key_value_heads", None),
     }
     return {key: value for key, value in dims.items() if isinstance(value, (int, str)) and not isinstance(value, bool)}
 
@@ -302,6 +334,8 @@ def resolve_architecture(model: nn.Module, target_modules=None) -> ResolvedArchi
     if not isinstance(backbone, nn.Module):
         backbone = model
     inspected = model_type not in ARCHITECTURES
+    if inspected:
+        _refuse_unregistered_multimodal(config, model_type)
     architecture = _inspect(backbone, model_type) if inspected else ARCHITECTURES[model_type]
 
     names = {module: name for name, module in model.named_modules()}
@@ -346,6 +380,22 @@ def _check_one_hidden_size(model: nn.Module, model_type: str, value_names: list[
             f"Swin or PVT), and TOAST sends the top-layer tokens down to every block unchanged. Use a backbone with "
             f"one hidden size and one token per position in every block (ViT, DeiT, BEiT, DINOv2)."
         )
+
+
+def _refuse_unregistered_multimodal(config, model_type: str) -> None:
+    """A model with a vision and a text part (a vision-language model, or a dual encoder like CLIP) that the registry
+    does not declare is refused: inspection would take the longer of its block stacks, possibly the vision encoder's,
+    and steer it as if it were the whole model."""
+    if getattr(config, "vision_config", None) is None or getattr(config, "text_config", None) is None:
+        return
+    raise ValueError(
+        f"TOAST does not know model type {model_type!r}, which has a vision and a text part: inspection would steer "
+        f"whichever block stack is longer, possibly the vision encoder's, as if it were the whole model. For a "
+        f"vision-language model that generates, declare where its language model is; for one laid out like LLaVA "
+        f"(the language model at `language_model`, with `layers`, `self_attn.v_proj` and `norm`) that is "
+        f"`peft_toast.register_architecture({model_type!r}, peft_toast.architectures.ARCHITECTURES['llava'])`. For a "
+        f"dual encoder (CLIP, SigLIP), steer one tower on its own (e.g. `CLIPVisionModel`, `CLIPTextModel`)."
+    )
 
 
 def _refuse_encoder_decoder(model: nn.Module, model_type: str) -> None:
@@ -418,7 +468,7 @@ def _check_targets_are_value_projections(model: nn.Module, value_names: list[str
     projection's input)."""
     from .layer import value_input_features
 
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    hidden = getattr(blocks_config(getattr(model, "config", None)), "hidden_size", None)
     for name in value_names:
         module = model.get_submodule(name)
         leaf = name.rsplit(".", 1)[-1]

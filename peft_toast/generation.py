@@ -21,6 +21,7 @@ from typing import Optional
 
 from transformers.cache_utils import Cache, DynamicCache
 
+from .architectures import blocks_config
 from .upstream import mirror_cache_calls, redirect_cache_layer_queries
 
 PASS1_CACHE_ATTR = "_toast_pass1_cache"
@@ -110,8 +111,8 @@ def prepare_pass1_cache(model, kwargs: dict, cache_argument: str, adapter_name: 
     main_cache = kwargs.get(name)
     if main_cache is None:
         use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(model.config, "use_cache", False)
+        if use_cache is None:  # what the model will do (a vision-language model's language model reads its own config)
+            use_cache = getattr(blocks_config(model.config), "use_cache", False)
         if not use_cache or model.training:
             return name, None
         return name, _tagged(DynamicCache(config=model.config), adapter_name)

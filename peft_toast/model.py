@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import warnings
 from typing import Any, Optional
 
@@ -14,6 +15,7 @@ from torch import nn
 from . import passes
 from .architectures import (
     ResolvedArchitecture,
+    blocks_config,
     dims_mismatch,
     fused_value_index,
     model_dims,
@@ -29,6 +31,7 @@ from .upstream import wrap_block_checkpointing
 # Heads of transformers' classification models: trained and saved by default, as PEFT's SEQ_CLS task type does.
 CLASSIFICATION_HEAD_NAMES = ("classifier", "score")
 __all__ = ["FEATURES_ARGUMENT", "ToastModel"]
+logger = logging.getLogger(__name__)
 
 
 class ToastModel(BaseTuner):
@@ -86,6 +89,8 @@ class ToastModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: ToastConfig, model_config: dict) -> ToastConfig:
         architecture = resolve_architecture(self.model, peft_config.target_modules)
         self._toast_architecture = architecture
+        if architecture.architecture.note:
+            logger.info("TOAST on %s: %s", type(self.model).__name__, architecture.architecture.note)
         num_blocks = len(architecture.blocks)
         selected = _normalise_layers(peft_config.layers_to_transform, num_blocks)
         # The feedback chain runs from the top block down to the lowest block that receives a signal, so every block
@@ -136,7 +141,7 @@ class ToastModel(BaseTuner):
                         f"precision, e.g. `BitsAndBytesConfig(..., llm_int8_skip_modules=['{target_name}'])`."
                     )
                 out_features = base.weight.shape[0 if isinstance(base, nn.Linear) else 1]
-                value_index = fused_value_index(self.model.config, layout, out_features)
+                value_index = fused_value_index(blocks_config(self.model.config), layout, out_features)
             new_module = ToastLayer(target, block_index, value_index=value_index)
             # The adapter tensors after PEFT's `_replace_module`, which moves them onto the base weight's device: for
             # a layer that accelerate offloaded that is the meta device, where `adapter_factory` does not put them.
@@ -211,6 +216,15 @@ class ToastModel(BaseTuner):
     def architecture(self) -> ResolvedArchitecture:
         """Where TOAST sits in the wrapped model: its blocks, value projections, feature module, causal or not."""
         return self._toast_architecture
+
+    def extra_repr(self) -> str:
+        """The architecture's note, when it has one (e.g. a vision-language model's unsteered vision encoder)."""
+        architecture = getattr(self, "_toast_architecture", None)
+        if architecture is None or not architecture.architecture.note:
+            return ""
+        return f"steered blocks: {architecture.block_names[0]}..{architecture.block_names[-1]}; " + (
+            architecture.architecture.note
+        )
 
     @property
     def cache_argument(self) -> str:

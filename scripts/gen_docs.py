@@ -144,7 +144,7 @@ def architectures_md() -> str:
     tested = [family for family in families if family.refused is None]
     refused = [family for family in families if family.refused is not None]
     tested_types = {family.model_type for family in tested}
-    kinds = [matrix.TEXT, matrix.VISION, matrix.DECODER]
+    kinds = [matrix.TEXT, matrix.VISION, matrix.DECODER, matrix.VLM]
     counts = ", ".join(f"{sum(family.kind == kind for family in tested)} {kind}s" for kind in kinds)
     lines = [
         NOTICE.format(source="`peft_toast.architectures` and the sweep's table `tests/support_matrix.py`"),
@@ -156,6 +156,22 @@ def architectures_md() -> str:
         "registry declares them per `config.model_type`; other model types are inspected. Any head on top of a "
         "supported backbone works (`*ForImageClassification`, `*ForSequenceClassification`, `*ForCausalLM`, the bare "
         "model).",
+        "",
+        "A vision-language model (LLaVA, Qwen2-VL) is steered in its language model. Pass 1 is the whole model's "
+        "forward, vision encoder and projector included, up to the language model's last block, so the image tokens "
+        "are part of the pass-1 sequence and the prompt can select them; pass 2 adds the feedback to the language "
+        "model's values. The vision encoder and the projector receive no signal (`get_peft_model` logs this at info "
+        "level, and the tuner's repr says so), but they run in both passes of every call that has the image: every "
+        "forward, and the first step of a cached `generate`, whose two passes put the image tokens into both KV "
+        "caches, so that the later steps (text only) continue exactly, as for decoders. The entries assume a language "
+        "model laid out like LLaMA (`layers`, `self_attn.v_proj`, `norm`: LLaMA, Vicuna, Mistral, Qwen2, Gemma); "
+        "with another one `get_peft_model` raises, naming the path that does not exist, and `register_architecture` "
+        "declares it. A model with a vision and a text part that the registry does not list (LLaVA-NeXT, or a dual "
+        "encoder like CLIP) is refused rather than inspected, since inspection could take the vision encoder's blocks "
+        "for the model's; the error names the one-line declaration. `tests/test_vlm.py` checks both registered "
+        "families further: the exact start, the gradients (adapter tensors only), the gates of the image tokens, "
+        "incremental decoding with the cache a forward call returns, and cached generation with top-block adapters, "
+        "whose two caches share the bottom layers.",
         "",
         "## Support matrix",
         "",
@@ -171,8 +187,9 @@ def architectures_md() -> str:
         "- **disable**: under `disable_adapter()` the output is exactly the base model's;",
         "- **reload**: `save_pretrained`, then `PeftModel.from_pretrained` onto a fresh copy of the base model, gives "
         "exactly the same output;",
-        "- **generate** (decoders): greedy generation with the two KV caches gives the tokens of generation without a "
-        "cache, and each step's logits equal one full forward's.",
+        "- **generate** (decoders and vision-language models): greedy generation with the two KV caches gives the "
+        "tokens of generation without a cache, and each step's logits equal one full forward's (a vision-language "
+        "model gets its image at the first step, as `generate` gives it, and in the full forward).",
         "",
         "A refused family raises at `get_peft_model`, before anything is wrapped, with the reason and what to use "
         "instead; the test checks that message. *Found by* says where TOAST takes the blocks, value projections and "
@@ -186,7 +203,8 @@ def architectures_md() -> str:
     for family in sorted(families, key=lambda f: (f.refused is not None, kinds.index(f.kind), f.model_type)):
         if family.refused is None:
             found = "registry" if family.model_type in ARCHITECTURES else "inspection"
-            checks = ["output", "disable", "reload"] + (["generate"] if family.kind == matrix.DECODER else [])
+            causal = family.kind in (matrix.DECODER, matrix.VLM)
+            checks = ["output", "disable", "reload"] + (["generate"] if causal else [])
             status, details = "tested", ", ".join(checks)
         else:
             reason = REFUSED_ARCHITECTURES.get(family.model_type)
@@ -213,6 +231,10 @@ def architectures_md() -> str:
             f"| `{model_type}` | `{entry.blocks}` | `{entry.value}` | {final_norm} | {'yes' if entry.causal else 'no'} "
             f"| {_fused(entry.fused_qkv)} | {status} |"
         )
+    notes = {model_type: entry.note for model_type, entry in sorted(ARCHITECTURES.items()) if entry.note}
+    if notes:
+        lines += ["", "Notes on entries (`ToastArchitecture.note`, logged when an adapter is created):", ""]
+        lines += [f"- `{model_type}`: {note}" for model_type, note in notes.items()]
     lines += [
         "",
         "## Models that are not in the registry",

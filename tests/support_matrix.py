@@ -13,10 +13,17 @@ from typing import Optional
 TEXT = "text encoder"
 VISION = "vision encoder"
 DECODER = "decoder"
+# A vision-language model: TOAST steers its language model (a decoder); its inputs are `vision_language_inputs`.
+VLM = "vision-language model"
 
 VOCAB = 99
 IMAGE = 16
 PATCH = 4
+# The special tokens of the tiny vision-language models, at the top of the vocabulary: the image placeholder, and
+# Qwen2-VL's video placeholder and vision start / end markers. Text is drawn below them, and generation suppresses them
+# (a generated placeholder would ask for an image that the call does not have).
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 98, 97, 96, 95
+VLM_SPECIAL_TOKENS = [IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END]
 
 
 @dataclass(frozen=True)
@@ -25,8 +32,9 @@ class Family:
 
     Args:
         model_type: `config.model_type` of the tiny model.
-        kind: `TEXT`, `VISION` or `DECODER` (a decoder is causal: its feature is the last block's output before the
-            final norm, and its cached generation is checked).
+        kind: `TEXT`, `VISION`, `DECODER` (a decoder is causal: its feature is the last block's output before the
+            final norm, and its cached generation is checked) or `VLM` (its language model is steered as a decoder;
+            its inputs come from `vision_language_inputs`).
         model: the transformers class that is built (from its own config class).
         config: the tiny configuration's arguments.
         fused: `(layout, key/value heads)` of a fused query/key/value projection, the layout one of `"contiguous"`,
@@ -84,6 +92,62 @@ def _vision(model_type: str, model: str, refused=None, **overrides) -> Family:
 
 def _decoder(model_type: str, model: str, base: Optional[dict] = None, fused=None, **overrides) -> Family:
     return Family(model_type, DECODER, model, {**(_LLAMA_LIKE if base is None else base), **overrides}, fused)
+
+
+_VISION_TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+# Qwen2-VL: patches of PATCH x PATCH pixels x 2 frames, merged 2 x 2 into one token of the language model; its
+# multimodal rotary embedding splits each head's 4 frequencies into 1 temporal, 1 height and 2 width ones.
+_QWEN2_VL_TEXT = dict(
+    _LLAMA_LIKE, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+)
+_QWEN2_VL_VISION = dict(
+    depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=PATCH, temporal_patch_size=2,
+    spatial_merge_size=2,
+)  # fmt: skip
+
+
+def vision_language_inputs(family: Family, batch: int = 2, text: int = 5, seed: int = 0) -> dict:
+    """The inputs of a tiny vision-language model: one random IMAGE x IMAGE image per row, its placeholder tokens after
+    the first text token, `text` random text tokens in all."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    words = torch.randint(2, min(VLM_SPECIAL_TOKENS), (batch, text), generator=generator)
+    patches = (IMAGE // PATCH) ** 2
+    if family.model_type == "llava":  # CLIP's patch tokens (the CLS token dropped), one placeholder each
+        image = torch.full((batch, patches), IMAGE_TOKEN)
+        pixels = {"pixel_values": torch.randn(batch, 3, IMAGE, IMAGE, generator=generator)}
+    elif family.model_type == "qwen2_vl":  # flattened patches, merged 2 x 2: patches / 4 placeholders per image
+        image = torch.cat(
+            [torch.full((batch, 1), VISION_START), torch.full((batch, patches // 4), IMAGE_TOKEN),
+             torch.full((batch, 1), VISION_END)], dim=1,
+        )  # fmt: skip
+        side = IMAGE // PATCH
+        pixels = {
+            "pixel_values": torch.randn(batch * patches, 3 * 2 * PATCH * PATCH, generator=generator),
+            "image_grid_thw": torch.tensor([[1, side, side]] * batch),
+        }
+    else:
+        raise ValueError(f"No inputs for the vision-language model {family.model_type!r}.")
+    input_ids = torch.cat([words[:, :1], image, words[:, 1:]], dim=1)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
+    if family.model_type == "qwen2_vl":
+        inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
+    return inputs
+
+
+def continued_inputs(family: Family, inputs: dict, sequences) -> dict:
+    """The inputs of one full forward over `sequences` (the prompt of `inputs` and what was generated after it): the
+    same image, no attention mask; Qwen2-VL's token types extended over the generated (text) tokens."""
+    import torch
+
+    full = {key: value for key, value in inputs.items() if key != "attention_mask"}
+    full["input_ids"] = sequences
+    if "mm_token_type_ids" in inputs:
+        types = inputs["mm_token_type_ids"]
+        new = sequences.shape[1] - types.shape[1]
+        full["mm_token_type_ids"] = torch.cat([types, types.new_zeros(types.shape[0], new)], dim=1)
+    return full
 
 
 FAMILIES: list[Family] = [
@@ -298,5 +362,30 @@ FAMILIES: list[Family] = [
         n_heads=4,
         max_seq_len=64,
         fused=("contiguous", 4),
+    ),
+    # vision-language models: the language model is steered; pass 1 runs the vision tower too
+    Family(
+        "llava",
+        VLM,
+        "LlavaForConditionalGeneration",
+        dict(
+            vision_config=dict(_VISION_TOWER, model_type="clip_vision_model", image_size=IMAGE, patch_size=PATCH),
+            text_config=dict(_LLAMA_LIKE, model_type="llama"),
+            image_token_index=IMAGE_TOKEN,
+            vision_feature_layer=-1,
+        ),
+    ),
+    Family(
+        "qwen2_vl",
+        VLM,
+        "Qwen2VLForConditionalGeneration",
+        dict(
+            vision_config=_QWEN2_VL_VISION,
+            text_config=_QWEN2_VL_TEXT,
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=VIDEO_TOKEN,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        ),
     ),
 ]

@@ -9,7 +9,8 @@ For each tested family, a tiny random model with a random, nonzero adapter (read
   query/key/value projection), and differs clearly from the base model's;
 - (b) with the adapter disabled it equals the base model exactly;
 - (c) saved and reloaded onto a fresh copy of the base model it gives exactly the same output;
-- (d) for decoders, greedy generation with the KV caches gives the same tokens as without a cache.
+- (d) for decoders and vision-language models, greedy generation with the KV caches gives the same tokens as without
+  a cache.
 """
 
 from __future__ import annotations
@@ -24,7 +25,18 @@ import transformers
 from conftest import randomize_adapter
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from support_matrix import DECODER, FAMILIES, IMAGE, VISION, VOCAB, Family
+from support_matrix import (
+    DECODER,
+    FAMILIES,
+    IMAGE,
+    VISION,
+    VLM,
+    VLM_SPECIAL_TOKENS,
+    VOCAB,
+    Family,
+    continued_inputs,
+    vision_language_inputs,
+)
 
 from peft_toast import ToastConfig
 
@@ -32,6 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TESTED = [family for family in FAMILIES if family.refused is None]
 REFUSED = [family for family in FAMILIES if family.refused is not None]
+CAUSAL = (DECODER, VLM)  # a vision-language model's language model is a decoder
 
 
 def build(family: Family) -> torch.nn.Module:
@@ -43,6 +56,8 @@ def build(family: Family) -> torch.nn.Module:
 
 
 def make_inputs(family: Family, batch: int = 2, seq: int = 6) -> dict:
+    if family.kind == VLM:
+        return vision_language_inputs(family, batch=batch, text=seq)
     generator = torch.Generator().manual_seed(0)
     if family.kind == VISION:
         return {"pixel_values": torch.randn(batch, 3, IMAGE, IMAGE, generator=generator)}
@@ -86,7 +101,7 @@ def plain_toast_output(
     """TOAST recomputed on the untouched model `base` from the saved adapter tensors, with plain torch."""
     eps = adapter_config["cosine_eps"]
     with torch.no_grad():
-        if family.kind == DECODER:  # the last block's output, before the final norm
+        if family.kind in CAUSAL:  # the last block's output, before the final norm (image tokens included)
             captured = []
             last = base.get_submodule(block_names[-1])
             handle = last.register_forward_hook(lambda module, args, out: captured.append(_hidden(out)))
@@ -126,7 +141,7 @@ def plain_toast_output(
 def steered_model(family: Family, base, inputs: dict):
     """TOAST on `base` with every adapter tensor random and nonzero. The prompt is the data direction of `inputs` plus
     noise: a prompt drawn at random can close every gate of a tiny model's tokens, and the adapter would not act."""
-    model = get_peft_model(base, ToastConfig(task_type="CAUSAL_LM" if family.kind == DECODER else None))
+    model = get_peft_model(base, ToastConfig(task_type="CAUSAL_LM" if family.kind in CAUSAL else None))
     randomize_adapter(model)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -144,7 +159,7 @@ def test_family_is_steered_exactly(family, tmp_path):
 
     model = steered_model(family, base, inputs)
     architecture = model.base_model.architecture
-    assert architecture.causal == (family.kind == DECODER)
+    assert architecture.causal == (family.kind in CAUSAL)
     assert len(architecture.blocks) == 2
     steered = output(model, inputs)
 
@@ -171,19 +186,22 @@ def test_family_is_steered_exactly(family, tmp_path):
     assert torch.equal(output(reloaded, inputs), steered)
 
 
-@pytest.mark.parametrize("family", [f for f in TESTED if f.kind == DECODER], ids=lambda family: family.model_type)
+@pytest.mark.parametrize("family", [f for f in TESTED if f.kind in CAUSAL], ids=lambda family: family.model_type)
 def test_decoder_generates_the_same_tokens_with_and_without_a_cache(family):
     """Greedy decoding with the two KV caches gives the tokens of decoding without a cache, and each step's logits are
-    those of one full forward over the sequence."""
+    those of one full forward over the sequence (for a vision-language model: the image is given to the first step
+    only, as `generate` does, and to the full forward)."""
     inputs = make_inputs(family, seq=5)
     model = steered_model(family, build(family), inputs)
     new = 6
     settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    if family.kind == VLM:
+        settings["suppress_tokens"] = VLM_SPECIAL_TOKENS
     cached = model.generate(**inputs, use_cache=True, output_logits=True, return_dict_in_generate=True, **settings)
     uncached = model.generate(**inputs, use_cache=False, **settings)
     assert cached.sequences.shape[1] == inputs["input_ids"].shape[1] + new
     assert torch.equal(cached.sequences, uncached)
-    full = output(model, {"input_ids": cached.sequences})  # (B, N + new, V)
+    full = output(model, continued_inputs(family, inputs, cached.sequences))  # (B, N + new, V)
     start = inputs["input_ids"].shape[1] - 1
     for step, logits in enumerate(cached.logits):
         torch.testing.assert_close(logits, full[:, start + step], rtol=1e-4, atol=1e-4)
@@ -193,6 +211,6 @@ def test_decoder_generates_the_same_tokens_with_and_without_a_cache(family):
 def test_family_is_refused_with_the_fix(family):
     base = build(family)
     with pytest.raises(ValueError) as error:
-        get_peft_model(base, ToastConfig(task_type="CAUSAL_LM" if family.kind == DECODER else None))
+        get_peft_model(base, ToastConfig(task_type="CAUSAL_LM" if family.kind in CAUSAL else None))
     for phrase in family.refused:
         assert re.search(re.escape(phrase), str(error.value)), str(error.value)
