@@ -90,6 +90,19 @@ class CompileCounter:
         if args.callback_trigger == CallbackTrigger.DYNAMO:
             self.ids.append(str(args.compile_id))
 
+    @property
+    def compiles(self) -> int:
+        return len(self.ids)
+
+    @property
+    def recompiles(self) -> int:
+        return count_recompiles(self.ids)
+
+
+def count_recompiles(compile_ids: list[str]) -> int:
+    """How many of these compile ids (`frame/n`) are recompiles of a frame (`n > 0`)."""
+    return sum(not compile_id.endswith("/0") for compile_id in compile_ids)
+
 
 def train_step_fn(model, batch: dict):
     """`_timing.train_step_fn`, returning the (detached) loss of the step."""
@@ -133,7 +146,7 @@ def measure_family(args, family: str) -> dict:
                         "frames_compiled_per_call": per_call,
                         # Frames compiled before, for this model or another one (the code of PEFT and transformers
                         # that several models share is compiled once per model).
-                        "recompiles": sum(not compile_id.endswith("/0") for compile_id in new),
+                        "recompiles": count_recompiles(new),
                         "graphs": counters["stats"]["unique_graphs"] - before[1],
                     }
                 workloads[name] = step

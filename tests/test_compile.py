@@ -10,16 +10,20 @@ eager at its recompile limit (8 per frame) into an error, so a test cannot pass 
 from __future__ import annotations
 
 import copy
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 import torch._dynamo
 from conftest import make_inputs, make_llama, make_vit, randomize_adapter
 from peft import get_peft_model
-from torch._dynamo.callback import CallbackTrigger, callback_handler
 
 from peft_toast import ToastConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from compile import CompileCounter  # noqa: E402  (the counter benchmarks/compile.py reports with)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,32 +31,6 @@ BACKEND = "aot_eager"
 # Calls that still compile: the first compiles every frame; the second recompiles the few frames whose guards the first
 # call changed for good (the data-initialised prompt is set, transformers fills in `config.problem_type`).
 WARMUP = 2
-
-
-class CompileCounter:
-    """Every frame compilation that dynamo starts while active: `compiles`, and `recompiles` (frames compiled before)."""
-
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-
-    def __enter__(self) -> CompileCounter:
-        callback_handler.register_start_callback(self._record)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        callback_handler.remove_start_callback(self._record)
-
-    def _record(self, args) -> None:
-        if args.callback_trigger == CallbackTrigger.DYNAMO:
-            self.ids.append(str(args.compile_id))
-
-    @property
-    def compiles(self) -> int:
-        return len(self.ids)
-
-    @property
-    def recompiles(self) -> int:
-        return sum(not compile_id.endswith("/0") for compile_id in self.ids)
 
 
 @pytest.fixture(autouse=True)
