@@ -37,6 +37,7 @@ import gzip
 import json
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -1012,7 +1013,7 @@ def plot(results: dict) -> None:
     if len(clutter) > 1:  # the other clutter levels are in transfer-clutter.png: keep the one with the most methods
         shown_elsewhere = {f"clutter-{k}" for k in clutter[:-1]}
         tasks = {name: task for name, task in tasks.items() if name not in shown_elsewhere}
-    plt, figure, axes = _results.figure_per_task(len(tasks), 4.5, 3.6)
+    plt, figure, axes = _results.figure_per_task(len(tasks), 4.5, 4.0)
     colors = {method: f"C{index}" for index, method in enumerate(METHODS)}
     for axis, task in zip(axes, tasks.values()):
         steps = [int(s) for s in task["budgets"]]
@@ -1038,9 +1039,9 @@ def plot(results: dict) -> None:
                               markersize=4, label=LABELS[method], color=colors[method])  # fmt: skip
             axis.set_xscale("log")
             axis.set_xlabel("training steps (batch 16)")
-            axis.legend(fontsize=7)
+            axis.legend(fontsize=5, loc="lower right")
         axis.set_ylabel("test accuracy (%)")
-        axis.set_title(f"{task['model']}\n{task['description']}", fontsize=8)
+        axis.set_title(f"{task['model']}\n" + "\n".join(textwrap.wrap(task["description"], 60)), fontsize=8)
     figure.suptitle(
         "Head from the probe, one lr each (best of 3 on val), mean ± std of 3 seeds; 2-core CPU", fontsize=8
     )
