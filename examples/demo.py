@@ -16,12 +16,17 @@ there. The backbone stays frozen throughout.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads slow every step a
 # lot. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Where torchao is installed (the test extra has it), importing PEFT imports it too; on a CPU build of torch it then
+# logs that its CUDA kernels cannot load, and torch that it registers its enums. Harmless, and not the demo's news.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402

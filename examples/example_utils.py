@@ -7,17 +7,28 @@ Each example reads top to bottom on its own; only what two of them need lives he
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 from typing import Optional
 
-import datasets
-import torch
-from transformers import AutoModelForImageClassification, PreTrainedModel, TrainingArguments, default_data_collator
+# Where torchao is installed (the test extra has it), importing PEFT imports it too; on a CPU build of torch it then
+# logs that its CUDA kernels cannot load, and torch that it registers its enums. Harmless, and not the examples' news.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
-from peft_toast.assets import resolve_model
-from peft_toast.cli import expected_load_report
-from peft_toast.io import atomic_save_pretrained
+import datasets  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForImageClassification,
+    PreTrainedModel,
+    TrainingArguments,
+    default_data_collator,
+)
+
+from peft_toast.assets import resolve_model  # noqa: E402
+from peft_toast.cli import expected_load_report  # noqa: E402
+from peft_toast.io import atomic_save_pretrained  # noqa: E402
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # The first file a resumable checkpoint needs that its writer writes last: a folder without it was cut off mid-write.
