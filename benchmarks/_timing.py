@@ -275,6 +275,23 @@ def results_header(benchmark: str, argv: Optional[Sequence[str]], device: str = 
     }
 
 
+def measure_families(
+    args: argparse.Namespace,
+    results: dict,
+    measure_family: Callable[[argparse.Namespace, str], dict],
+    tables: Sequence[Callable[[dict], str]],
+    write_docs: Callable[[dict], None],
+) -> dict:
+    """`results["families"][family] = measure_family(args, family)` for every family of `args.families`, the results
+    written (--output) after each one, then `finish`."""
+    started = time.perf_counter()
+    for family in args.families:
+        results["families"][family] = measure_family(args, family)
+        if args.output:
+            write_json(args.output, results)
+    return finish(args, results, started, tables, write_docs)
+
+
 def finish(
     args: argparse.Namespace,
     results: dict,

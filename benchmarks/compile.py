@@ -198,12 +198,7 @@ def main(argv=None) -> dict:
         },
         "families": {},
     }
-    start = time.perf_counter()
-    for family in args.families:
-        results["families"][family] = measure_family(args, family)
-        if args.output:
-            _results.write_json(args.output, results)
-    return _timing.finish(args, results, start, (table,), write_docs)
+    return _timing.measure_families(args, results, measure_family, (table,), write_docs)
 
 
 def table(results: dict) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from pathlib import Path
 
 import _models  # these import common first, which must come before torch (see below)
@@ -168,12 +167,7 @@ def main(argv=None) -> dict:
         "settings": {"repeats": args.repeats, "warmup": args.warmup, "tiny": args.tiny, "quick": args.quick},
         "families": {},
     }
-    start = time.perf_counter()
-    for family in args.families:
-        results["families"][family] = measure_family(args, family)
-        if args.output:
-            _results.write_json(args.output, results)
-    return _timing.finish(args, results, start, (table,), write_docs)
+    return _timing.measure_families(args, results, measure_family, (table,), write_docs)
 
 
 def table(results: dict) -> str:
