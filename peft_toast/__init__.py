@@ -8,7 +8,7 @@ from .architectures import ToastArchitecture, register_architecture
 from .calibration import calibrate_feedback
 from .config import ToastConfig
 from .io import atomic_save_pretrained
-from .layer import ToastLayer
+from .layer import ToastLayer, ToastSelection
 from .loading import check_adapter, load_initialisation, load_toast_adapter
 from .model import ToastModel
 from .optim import create_toast_optimizer, toast_parameter_groups
@@ -22,6 +22,7 @@ __all__ = [
     "ToastConfig",
     "ToastLayer",
     "ToastModel",
+    "ToastSelection",
     "atomic_save_pretrained",
     "calibrate_feedback",
     "check_adapter",
@@ -33,4 +34,4 @@ __all__ = [
     "toast_parameter_groups",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -3,7 +3,9 @@
 Block `l`'s value projection becomes `V = W_v (u + t_l) + b_v = base(u) + W_v t_l`: the signal goes through the *frozen*
 value weights, the bias is added once, and queries and keys are untouched. The wrapper also owns the block's feedback
 maps (`toast_down` = `A_l`, `toast_readout` = `C_l`), one per adapter, so PEFT's generic machinery (devices, dtypes,
-`requires_grad`, adapter switching and deletion) handles them like any adapter weights.
+`requires_grad`, adapter switching and deletion) handles them like any adapter weights. The prompts and channel
+selections, which all wrapped layers of an adapter share, live in one more such layer, `ToastSelection`, attached to
+the root of the base model.
 """
 
 from __future__ import annotations
@@ -135,6 +137,92 @@ class ToastLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "toast." + super().__repr__()
+
+
+# Where the prompts and channel selections live: a child of the base model's root, so that the whole adapter is in
+# the model tree (and transformers' `add_adapter` / `load_adapter`, which keep no tuner, can carry it). Its name must
+# not itself start with the method prefix `toast_`: PEFT inserts the adapter name after the last `toast_*` part of a
+# key and transformers after the first, so a saved key has exactly one such part.
+SELECTION_MODULE = "toast"
+# The saved keys of the prompt and of the channel selection's tensors.
+PROMPT_KEY = f"base_model.model.{SELECTION_MODULE}.toast_prompt"
+CHANNEL_PREFIX = f"base_model.model.{SELECTION_MODULE}.toast_channel."
+# Adapter files written before the selection moved into the model tree keep it on the tuner.
+_LEGACY_SELECTION_KEYS = ("toast_prompt", "toast_channel")
+
+
+class ToastSelection(nn.Module, BaseTunerLayer):
+    """The token selection (`toast_prompt`, one `(d,)` prompt per adapter) and channel selection (`toast_channel`, a
+    `FeedbackMap` per adapter unless it is the identity) that every wrapped layer of an adapter shares.
+
+    It is a `BaseTunerLayer`, so PEFT's and transformers' adapter switches (`set_adapter`, `enable_adapters`,
+    `delete_adapter`, dtype casts) treat it like the wrapped layers; it is never called. `unset_prompts` names the
+    adapters whose `prompt_init="data"` prompt waits for its first batch (a Python-side flag, so that the prompt is read,
+    one device sync, only until it is set).
+    """
+
+    adapter_layer_names = ("toast_prompt", "toast_channel")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.toast_prompt = nn.ParameterDict()
+        self.toast_channel = nn.ModuleDict()
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.unset_prompts: set[str] = set()
+
+    def update_layer(self, adapter_name: str, config, dim: int, factory: dict) -> None:
+        """Create the prompt (and the channel selection, unless it is the identity) of `adapter_name`."""
+        if config.prompt_init == "data":  # zeros = "not set yet": the first steered batch sets it
+            prompt = torch.zeros(dim, **factory)
+            self.unset_prompts.add(adapter_name)
+        else:
+            prompt = torch.empty(dim, **factory)
+            if not prompt.is_meta:
+                nn.init.normal_(prompt)
+        self.toast_prompt[adapter_name] = nn.Parameter(prompt)
+        if config.channel_selection != "identity":
+            rank = config.channel_rank if config.channel_selection == "low_rank" else None
+            self.toast_channel[adapter_name] = FeedbackMap(dim, init="identity", rank=rank, **factory)
+        if not config.train_prompt:
+            self.frozen_peft_weight_names[adapter_name] = ("toast_prompt",)
+        self.set_adapter(self.active_adapters)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.unset_prompts.discard(adapter_name)
+
+    # `BaseTunerLayer` reads these from the wrapped base layer, which this layer does not have.
+    @property
+    def weight(self):
+        raise AttributeError("`toast` wraps no base layer, so it has no weight.")
+
+    @property
+    def bias(self):
+        raise AttributeError("`toast` wraps no base layer, so it has no bias.")
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("`toast` holds the TOAST prompts and channel selections; it is not called.")
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise NotImplementedError(_NO_MERGE)
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(_NO_MERGE)
+
+
+def upgrade_selection_keys(state_dict: dict, prefix: str = "base_model.") -> dict:
+    """`state_dict` with the keys of adapter files written before the prompts moved into the model tree
+    (`base_model.toast_prompt`, `base_model.toast_channel.*`) renamed to where they live now
+    (`base_model.model.toast.toast_prompt`, ...); other keys unchanged. Works on a dict of anything."""
+    upgraded = {}
+    for key, value in state_dict.items():
+        name = key[len(prefix) :] if key.startswith(prefix) else None
+        if name is not None and name.split(".", 1)[0] in _LEGACY_SELECTION_KEYS:
+            key = f"{prefix}model.{SELECTION_MODULE}.{name}"
+        upgraded[key] = value
+    return upgraded
 
 
 def value_input_features(base_layer: nn.Module) -> int:

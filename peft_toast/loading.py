@@ -39,7 +39,7 @@ from torch import nn
 
 from .architectures import dims_mismatch, model_dims, resolve_architecture
 from .config import TOAST_PEFT_TYPE, ToastConfig
-from .layer import ToastLayer
+from .layer import CHANNEL_PREFIX, PROMPT_KEY, ToastLayer, upgrade_selection_keys
 from .registration import register
 from .topdown import FeedbackMap
 
@@ -126,7 +126,7 @@ def check_adapter(folder: Union[str, os.PathLike], model: Optional[nn.Module] = 
     """
     folder = Path(folder)
     config = read_adapter_config(folder)
-    shapes = read_adapter_weights(folder)
+    shapes = upgrade_selection_keys(read_adapter_weights(folder))
     if model is not None:
         _check_fits(config, shapes, model, folder)
     return config
@@ -247,7 +247,7 @@ def _check_fits(config: ToastConfig, shapes: dict[str, tuple[int, ...]], model: 
             )
     expected = _expected_shapes(model, config)
     problems = []
-    prompt = "base_model.toast_prompt"
+    prompt = PROMPT_KEY
     if prompt in shapes and prompt in expected and shapes[prompt] != expected[prompt]:
         # Every other tensor differs as a consequence; name the cause once.
         problems.append(f"hidden size {shapes[prompt][0]} in the adapter vs {expected[prompt][0]} in the base model")
@@ -345,7 +345,7 @@ def load_initialisation(
         overrides["modules_to_save"] = None
     config = dataclasses.replace(saved_config, **{**overrides, **config_overrides})
     model = get_peft_model(base_model, config, adapter_name=adapter_name)
-    saved = load_peft_weights(adapter_dir, device="cpu")
+    saved = upgrade_selection_keys(load_peft_weights(adapter_dir, device="cpu"))
     tuner = model.base_model
 
     saved_maps = _saved_maps_by_block(saved, tuner)
@@ -369,10 +369,10 @@ def load_initialisation(
         )
 
     dim = tuner.toast_prompt[adapter_name].shape[0]
-    if not fresh_prompt and "base_model.toast_prompt" in saved:
+    if not fresh_prompt and PROMPT_KEY in saved:
         with torch.no_grad():
-            tuner.toast_prompt[adapter_name].copy_(saved["base_model.toast_prompt"])
-    prefix = "base_model.toast_channel."
+            tuner.toast_prompt[adapter_name].copy_(saved[PROMPT_KEY])
+    prefix = CHANNEL_PREFIX
     channel = {key[len(prefix) :]: tensor for key, tensor in saved.items() if key.startswith(prefix)}
     if channel and adapter_name in tuner.toast_channel:
         rank = saved_config.channel_rank if saved_config.channel_selection == "low_rank" else None

@@ -22,10 +22,17 @@ from .architectures import (
     resolve_architecture,
 )
 from .config import ToastConfig
-from .layer import ToastLayer, adapter_factory, check_torchao_weights, value_input_features
+from .layer import (
+    SELECTION_MODULE,
+    ToastLayer,
+    ToastSelection,
+    adapter_factory,
+    check_torchao_weights,
+    upgrade_selection_keys,
+    value_input_features,
+)
 from .passes import FEATURES_ARGUMENT, steered_call
 from .state import CallState, checkpoint_with_signals, current_state, pop_state, push_state
-from .topdown import FeedbackMap
 from .upstream import wrap_block_checkpointing
 
 # Heads of transformers' classification models: trained and saved by default, as PEFT's SEQ_CLS task type does.
@@ -64,22 +71,31 @@ class ToastModel(BaseTuner):
     prefix: str = "toast_"
     tuner_layer_cls = ToastLayer
     target_module_mapping: dict = {}
-    # The prompt and channel selection are shared by all wrapped layers: `inject_adapter_in_model` cannot carry them.
-    uses_shared_state = True
+    # The prompts and channel selections, which all wrapped layers of an adapter share, live in the model tree
+    # (`ToastSelection`), and the passes' hooks on the model keep the tuner alive: `inject_adapter_in_model` (which
+    # transformers' `add_adapter` / `load_adapter` use) can carry TOAST.
+    uses_shared_state = False
 
     # ------------------------------------------------------------------------------------------------ injection
 
     def _pre_injection_hook(self, model: nn.Module, config: ToastConfig, adapter_name: str) -> None:
-        if "toast_prompt" not in self._modules and "toast_prompt" not in self._parameters:
-            self.toast_prompt = nn.ParameterDict()
-            self.toast_channel = nn.ModuleDict()
+        if "_toast_hook_handles" not in self.__dict__:
             self._toast_hook_handles: list = []
             self._toast_wrapped_layers: list[ToastLayer] = []
             self._toast_architecture: Optional[ResolvedArchitecture] = None
             self._toast_targets: dict[str, tuple[int, bool]] = {}
-            # Adapters whose prompt waits for its first batch (`prompt_init="data"`): a Python-side flag, so that the
-            # prompt is read (one device sync) only until it is set.
-            self._toast_unset_prompts: set[str] = set()
+            # transformers' `add_adapter` / `load_adapter` make a new tuner for every adapter they add to a model
+            # (`inject_adapter_in_model`); the newest one runs the passes for all of them (they share the model's
+            # `peft_config` and `toast`), so the previous one's hooks go.
+            previous = _steering_tuner(model)
+            if previous is not None and previous is not self:
+                previous._remove_toast_hooks()
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name: str, state_dict: dict) -> dict:
+        # Adapter files of peft-toast 0.1 keep the prompt and channel selection on the tuner (`base_model.toast_prompt`).
+        state_dict = upgrade_selection_keys(state_dict)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _check_new_adapter_config(self, config: ToastConfig) -> None:
         super()._check_new_adapter_config(config)
@@ -149,25 +165,17 @@ class ToastModel(BaseTuner):
             new_module.update_layer(adapter_name, peft_config, with_readout)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
+        if SELECTION_MODULE not in self.model._modules:
+            # Added here, during the injection, not before it: PEFT takes a model that already holds a tuner layer
+            # for one that has an adapter, whose base weights' trainability it then restores instead of freezing.
+            self.model.add_module(SELECTION_MODULE, ToastSelection())
         if adapter_name not in self.toast_prompt:
             self._create_selection(adapter_name, peft_config, target)
 
     def _create_selection(self, adapter_name: str, config: ToastConfig, target: nn.Module) -> None:
         """The adapter's prompt (token selection) and, unless it is the identity, its channel selection."""
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        dim = value_input_features(base)
-        factory = adapter_factory(base)
-        if config.prompt_init == "data":  # zeros = "not set yet": the first steered batch sets it
-            prompt = torch.zeros(dim, **factory)
-            self._toast_unset_prompts.add(adapter_name)
-        else:
-            prompt = torch.empty(dim, **factory)
-            if not prompt.is_meta:
-                nn.init.normal_(prompt)
-        self.toast_prompt[adapter_name] = nn.Parameter(prompt)
-        if config.channel_selection != "identity":
-            rank = config.channel_rank if config.channel_selection == "low_rank" else None
-            self.toast_channel[adapter_name] = FeedbackMap(dim, init="identity", rank=rank, **factory)
+        self.selection.update_layer(adapter_name, config, value_input_features(base), adapter_factory(base))
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         check_torchao_weights(model, self.peft_config[adapter_name].inference_mode)
@@ -232,9 +240,24 @@ class ToastModel(BaseTuner):
         return self._toast_cache_argument
 
     @property
+    def selection(self) -> ToastSelection:
+        """The model's prompts and channel selections (`model.toast`)."""
+        return self.model._modules[SELECTION_MODULE]
+
+    @property
+    def toast_prompt(self) -> nn.ParameterDict:
+        """The token-selection prompt of each adapter, `(d,)`."""
+        return self.selection.toast_prompt
+
+    @property
+    def toast_channel(self) -> nn.ModuleDict:
+        """The channel selection of each adapter whose `channel_selection` is not the identity."""
+        return self.selection.toast_channel
+
+    @property
     def unset_prompts(self) -> set[str]:
         """Adapters whose `prompt_init="data"` prompt waits for its first batch."""
-        return self._toast_unset_prompts
+        return self.selection.unset_prompts
 
     def toast_layers(self, adapter_name: str) -> list[ToastLayer]:
         """The wrapped value projections of `adapter_name`, from the top block down."""
@@ -242,11 +265,13 @@ class ToastModel(BaseTuner):
 
     def active_toast_adapter(self) -> Optional[str]:
         """The adapter that steers a call now, or None (adapters disabled, or none left)."""
-        active = self.active_adapters
-        if not active or active[0] not in self.toast_prompt:
-            return None
+        # Read from the wrapped layers (the top block's holds every adapter), which transformers' `set_adapter` and
+        # `disable_adapters` switch without this tuner.
         layers = self._toast_wrapped_layers
         if not layers or layers[0].disable_adapters:
+            return None
+        active = layers[0].active_adapters
+        if not active or active[0] not in self.toast_prompt:
             return None
         return active[0]
 
@@ -378,10 +403,8 @@ class ToastModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for container in (self.toast_prompt, self.toast_channel):
-            if adapter_name in container:
-                del container[adapter_name]
-        self._toast_unset_prompts.discard(adapter_name)
+        if adapter_name in self.toast_prompt:  # PEFT's `delete_adapter` visits only layers of the tuner's class
+            self.selection.delete_adapter(adapter_name)
         self._sync_selection_trainability()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
@@ -416,9 +439,21 @@ class ToastModel(BaseTuner):
         if merge:
             self._check_merge_allowed()  # raise before anything is touched
         self._remove_toast_hooks()
-        return super()._unload_and_optionally_merge(
+        model = super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        if SELECTION_MODULE in model._modules:
+            del model._modules[SELECTION_MODULE]
+        return model
+
+
+def _steering_tuner(model: nn.Module) -> Optional[ToastModel]:
+    """The `ToastModel` whose hooks run the passes of `model`, if any."""
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, ToastModel):
+            return owner
+    return None
 
 
 def _normalise_layers(layers: Optional[list[int]], num_blocks: int) -> set[int]:

@@ -39,6 +39,7 @@ BASE_TUNER_OVERRIDES = (
     "_cast_adapter_dtype",
     "_check_merge_allowed",
     "_unload_and_optionally_merge",
+    "_remap_adapter_state_dict_for_load",
 )
 # Methods that `PeftModel` calls on its tuner when the tuner has them (duck-typed, not `BaseTuner` methods).
 PEFT_MODEL_TUNER_HOOKS = ("_enable_peft_forward_hooks",)

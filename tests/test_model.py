@@ -564,11 +564,11 @@ def _plain_toast_logits(
             handle.remove()
             x = captured[0][0] if isinstance(captured[0], tuple) else captured[0]  # (B, N, d)
 
-        prompt = tensors["base_model.toast_prompt"]  # (d,)
+        prompt = tensors["base_model.model.toast.toast_prompt"]  # (d,)
         norms = x.norm(dim=-1).clamp_min(config["cosine_eps"]) * prompt.norm().clamp_min(config["cosine_eps"])
         gates = ((x @ prompt) / norms).clamp(0, 1)  # (B, N)
         z = gates[..., None] * x
-        channel = _feedback_weight(tensors, "base_model.toast_channel", identity_base=True)
+        channel = _feedback_weight(tensors, "base_model.model.toast.toast_channel", identity_base=True)
         if channel is not None:
             z = z @ channel.T
         if dropout_mask is not None:

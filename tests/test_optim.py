@@ -17,7 +17,7 @@ def test_every_trainable_parameter_is_in_exactly_one_group_with_its_rate():
     by_group = {group["name"]: {names[id(p)] for p in group["params"]} for group in groups}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert sorted(n for group in by_group.values() for n in group) == sorted(trainable)
-    assert by_group["prompt"] == {"base_model.toast_prompt.default"}
+    assert by_group["prompt"] == {"base_model.model.toast.toast_prompt.default"}
     assert by_group["top_down"] and all("toast_down" in n or "toast_readout" in n or "toast_channel" in n
                                         for n in by_group["top_down"])  # fmt: skip
     assert by_group["head"] == {"base_model.model.classifier.modules_to_save.default.weight"}

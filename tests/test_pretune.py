@@ -127,7 +127,7 @@ def test_cli_pretunes_on_labelled_source_classes_and_a_transfer_starts_from_it(t
     target = make_vit(num_labels=3)
     transfer = load_initialisation(target, output)
     tuner = transfer.base_model
-    torch.testing.assert_close(tuner.toast_prompt["default"].detach(), saved["base_model.toast_prompt"])
+    torch.testing.assert_close(tuner.toast_prompt["default"].detach(), saved["base_model.model.toast.toast_prompt"])
     for layer in tuner.toast_layers("default"):
         key = next(k for k in saved if f"layers.{layer.block_index}." in k and "toast_readout" in k)
         torch.testing.assert_close(layer.toast_readout["default"].weight.detach(), saved[key])

@@ -264,16 +264,18 @@ def test_safetensors_with_a_garbled_header_is_refused(saved):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused(saved, value):
     tensors = load_file(saved.path / WEIGHTS)
-    tensors["base_model.toast_prompt"][3] = value
+    tensors["base_model.model.toast.toast_prompt"][3] = value
     save_file(tensors, saved.path / WEIGHTS)
-    with pytest.raises(ValueError, match=r"holds NaN or infinite values in 1 tensor\(s\) \(base_model.toast_prompt\)"):
+    with pytest.raises(
+        ValueError, match=r"holds NaN or infinite values in 1 tensor\(s\) \(base_model.model.toast.toast_prompt\)"
+    ):
         load_toast_adapter(saved.fresh_base(), saved.path)
 
 
 def test_weights_missing_a_tensor_are_refused(saved):
     # PEFT alone only warns ("Found missing adapter keys") and keeps a random prompt.
     tensors = load_file(saved.path / WEIGHTS)
-    del tensors["base_model.toast_prompt"]
+    del tensors["base_model.model.toast.toast_prompt"]
     save_file(tensors, saved.path / WEIGHTS)
     with pytest.raises(
         ValueError, match=r"1 tensor\(s\) the base model needs are missing from the adapter \(base_model"
@@ -336,7 +338,7 @@ def test_malicious_pickle_is_not_executed(saved, tmp_path):
     marker = tmp_path / "pwned"
     tensors = load_file(saved.path / WEIGHTS)
     (saved.path / WEIGHTS).unlink()
-    torch.save({**tensors, "base_model.toast_prompt": _Payload(marker)}, saved.path / "adapter_model.bin")
+    torch.save({**tensors, "base_model.model.toast.toast_prompt": _Payload(marker)}, saved.path / "adapter_model.bin")
     with pytest.raises(ValueError, match=r"refused to unpickle it.*do not load it with `weights_only=False`"):
         load_toast_adapter(saved.fresh_base(), saved.path)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):  # PEFT's path: weights_only too
@@ -363,7 +365,9 @@ def test_fp16_adapter_onto_a_bf16_base(saved):
     model = load_toast_adapter(saved.fresh_base().to(torch.bfloat16), saved.path)
     state = {name: param for name, param in model.named_parameters() if "toast_" in name}
     # PEFT upcasts the adapter to float32: the fp16 values arrive exactly.
-    assert torch.equal(state["base_model.toast_prompt.default"], tensors["base_model.toast_prompt"].float())
+    assert torch.equal(
+        state["base_model.model.toast.toast_prompt.default"], tensors["base_model.model.toast.toast_prompt"].float()
+    )
     with torch.no_grad():
         logits = model(pixel_values=saved.inputs["pixel_values"].to(torch.bfloat16)).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

@@ -110,7 +110,7 @@ def plain_toast_output(
             x = captured[0]
         else:  # the encoder's output tokens (after its final norm, if it has one)
             x = base.base_model(**inputs).last_hidden_state
-        prompt = tensors["base_model.toast_prompt"]  # (d,)
+        prompt = tensors["base_model.model.toast.toast_prompt"]  # (d,)
         gates = ((x @ prompt) / (x.norm(dim=-1).clamp_min(eps) * prompt.norm().clamp_min(eps))).clamp(0, 1)  # (B, N)
         z = gates[..., None] * x  # (B, N, d)
         signals = {}

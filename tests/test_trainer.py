@@ -168,7 +168,11 @@ def test_image_classifier_checkpoints_hold_only_the_adapter_and_trainer_state(
     assert set(os.listdir(tmp_path / "adapter")) == ADAPTER_FILES
     weights = load_file(tmp_path / "checkpoint-4" / "adapter_model.safetensors")
     prefix = "base_model.model.vit.layers"
-    expected = {"base_model.toast_prompt", "base_model.model.classifier.weight", "base_model.model.classifier.bias"}
+    expected = {
+        "base_model.model.toast.toast_prompt",
+        "base_model.model.classifier.weight",
+        "base_model.model.classifier.bias",
+    }
     for block in range(LAYERS):
         expected |= {f"{prefix}.{block}.attention.v_proj.{name}.weight" for name in ("toast_down", "toast_readout")}
     assert set(weights) == expected  # no frozen base weight

@@ -146,7 +146,7 @@ def plain_toast_logits(base, tensors: dict, adapter_config: dict, inputs: dict) 
         x = captured[0][0] if isinstance(captured[0], tuple) else captured[0]  # (B, N, d)
         assert x.shape[:2] == inputs["input_ids"].shape  # every token of the sequence, image tokens included
 
-        prompt = tensors["base_model.toast_prompt"]  # (d,)
+        prompt = tensors["base_model.model.toast.toast_prompt"]  # (d,)
         gates = ((x @ prompt) / (x.norm(dim=-1).clamp_min(eps) * prompt.norm().clamp_min(eps))).clamp(0, 1)  # (B, N)
         z = gates[..., None] * x
         signals = {}
@@ -172,7 +172,7 @@ def test_steered_logits_equal_an_independent_recomputation(model_type, tmp_path)
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert all("language_model" in key for key in tensors if key != "base_model.toast_prompt")
+    assert all("language_model" in key for key in tensors if key != "base_model.model.toast.toast_prompt")
     assert all(tensor.abs().min() > 0 for key, tensor in tensors.items() if "toast_readout" in key)
 
     expected = plain_toast_logits(build(model_type), tensors, adapter_config, inputs)
@@ -207,7 +207,9 @@ def test_gradients_reach_exactly_the_adapter_parameters(model_type):
     with_grad = {name for name, param in model.named_parameters() if param.grad is not None}
     assert with_grad == adapter
     assert all(param.grad.abs().sum() > 0 for name, param in model.named_parameters() if name in adapter)
-    assert all(f"{LANGUAGE_MODEL}.layers." in name for name in adapter - {"base_model.toast_prompt.default"})
+    assert all(
+        f"{LANGUAGE_MODEL}.layers." in name for name in adapter - {"base_model.model.toast.toast_prompt.default"}
+    )
 
 
 # ------------------------------------------------------------------------------------------------ generation
