@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
+from .distributed import check_unsharded
 from .generation import (
     CACHE_ARGUMENT_NAMES,
     attach_to_output,
@@ -251,6 +252,7 @@ def top_down_signals(tuner, adapter_name: str, features: torch.Tensor) -> tuple[
     layers = tuner.toast_layers(adapter_name)
     down_maps = [layer.toast_down[adapter_name] for layer in layers]
     readouts = [layer.toast_readout[adapter_name] if adapter_name in layer.toast_readout else None for layer in layers]
+    check_unsharded(down_maps)  # a clear error instead of "mixed torch.Tensor and DTensor" inside the chain
     signals = feedback_chain(selected, down_maps, readouts)
     return {layer: signal for layer, signal in zip(layers, signals) if signal is not None}, gates
 
