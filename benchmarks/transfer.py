@@ -60,7 +60,8 @@ from peft_toast.state import CallState
 METHODS = (
     "linear", "lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-fast", "toast-r8", "toast-lite",
     "toast-contrast", "toast-oracle", "toast-top1", "toast-top2", "toast-top3", "toast-top6", "toast-top3-src",
-    "toast-drop10", "toast-drop30",
+    "toast-drop10", "toast-drop30", "toast-readout", "toast-rms-readout",
+    "toast-readout-src",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -81,6 +82,9 @@ LABELS = {
     "toast-top3-src": "TOAST, top 3 blocks, source pre-tuned",
     "toast-drop10": "TOAST, feedback_dropout=0.1",
     "toast-drop30": "TOAST, feedback_dropout=0.3",
+    "toast-readout": "TOAST, down-maps frozen (train_down=False)",
+    "toast-rms-readout": "TOAST, feature_norm='rms', down-maps frozen",
+    "toast-readout-src": "TOAST, down-maps frozen, source pre-tuned",
 }
 TOAST_CONFIGS = {
     "toast": {},
@@ -100,6 +104,11 @@ TOAST_CONFIGS = {
     # Dropout on the selected tokens before they go down (training only): against the generalisation gap.
     "toast-drop10": {"feedback_dropout": 0.1},
     "toast-drop30": {"feedback_dropout": 0.3},
+    # Half the trainable tensors: the down-maps stay at their initialisation, only the readouts and the prompt train
+    # (the reference's LLaMA transfer recipe), against the generalisation gap.
+    "toast-readout": {"train_down": False},
+    "toast-rms-readout": {"feature_norm": "rms", "train_down": False},
+    "toast-readout-src": {"train_down": False},
     # The source stages of "toast-src" and "toast-top3-src".
     "toast-pretune": {"variational_loss_weight": 0.1},
     "toast-top3-pretune": {"layers_to_transform": [-3, -2, -1], "variational_loss_weight": 0.1},
@@ -112,7 +121,9 @@ PROMPT_NORMS = {"toast-fast": 1.0}
 # alone can do, never a method.
 PROMPT_DIRECTIONS = ("toast-contrast", "toast-oracle")
 # Methods that start from a source stage (`--source-classes`), and the method that makes it.
-SOURCE_OF = {"lora-src": "lora", "toast-src": "toast", "toast-top3-src": "toast-top3"}
+SOURCE_OF = {
+    "lora-src": "lora", "toast-src": "toast", "toast-top3-src": "toast-top3", "toast-readout-src": "toast-readout",
+}  # fmt: skip
 PRETUNE_CONFIG = {"toast": "toast-pretune", "toast-top3": "toast-top3-pretune"}
 # Learning rates of a source stage, the best on the source task's validation split kept; one value: the middle of the
 # method's range (as the first source runs did). Top-3 TOAST's best rates lie higher (3e-3 on clutter k = 4).
@@ -128,11 +139,14 @@ LEARNING_RATES = {
     "toast-fast": (3e-5, 1e-4, 3e-4),
     "toast-r8": (3e-4, 1e-3, 3e-3),
     "toast-lite": (3e-4, 1e-3, 3e-3),
+    "toast-readout": (3e-4, 1e-3, 3e-3),
+    "toast-rms-readout": (1e-5, 3e-5, 1e-4),
     "toast-contrast": (1e-4, 3e-4, 1e-3),
     "toast-oracle": (1e-4, 3e-4, 1e-3),
 }
 LEARNING_RATES["lora-src"] = LEARNING_RATES["lora"]
 LEARNING_RATES["toast-src"] = LEARNING_RATES["toast"]
+LEARNING_RATES["toast-readout-src"] = LEARNING_RATES["toast-readout"]
 for _method in ("toast-top1", "toast-top2", "toast-top3", "toast-top6"):
     LEARNING_RATES[_method] = LEARNING_RATES["toast"]
 LEARNING_RATES["toast-top3-src"] = LEARNING_RATES["toast"]
