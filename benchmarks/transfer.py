@@ -61,7 +61,7 @@ METHODS = (
     "linear", "lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-fast", "toast-r8", "toast-lite",
     "toast-contrast", "toast-oracle", "toast-top1", "toast-top2", "toast-top3", "toast-top6", "toast-top3-src",
     "toast-drop10", "toast-drop30", "toast-readout", "toast-rms-readout",
-    "toast-readout-src",
+    "toast-readout-src", "toast-readout-r8",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -85,6 +85,7 @@ LABELS = {
     "toast-readout": "TOAST, down-maps frozen (train_down=False)",
     "toast-rms-readout": "TOAST, feature_norm='rms', down-maps frozen",
     "toast-readout-src": "TOAST, down-maps frozen, source pre-tuned",
+    "toast-readout-r8": "TOAST, down-maps frozen, rank-8 readouts",
 }
 TOAST_CONFIGS = {
     "toast": {},
@@ -109,6 +110,7 @@ TOAST_CONFIGS = {
     "toast-readout": {"train_down": False},
     "toast-rms-readout": {"feature_norm": "rms", "train_down": False},
     "toast-readout-src": {"train_down": False},
+    "toast-readout-r8": {"train_down": False, "feedback_rank": 8},
     # The source stages of "toast-src" and "toast-top3-src".
     "toast-pretune": {"variational_loss_weight": 0.1},
     "toast-top3-pretune": {"layers_to_transform": [-3, -2, -1], "variational_loss_weight": 0.1},
@@ -141,6 +143,7 @@ LEARNING_RATES = {
     "toast-lite": (3e-4, 1e-3, 3e-3),
     "toast-readout": (3e-4, 1e-3, 3e-3),
     "toast-rms-readout": (1e-5, 3e-5, 1e-4),
+    "toast-readout-r8": (1e-3, 3e-3, 1e-2),
     "toast-contrast": (1e-4, 3e-4, 1e-3),
     "toast-oracle": (1e-4, 3e-4, 1e-3),
 }
