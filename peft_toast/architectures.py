@@ -15,6 +15,7 @@ declare the model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -30,7 +31,9 @@ NOT_VALUE_PROJECTION_NAMES = (
     "fc1", "fc2", "c_fc", "c_proj", "up_proj", "down_proj", "gate_proj", "gate_up_proj", "w1", "w2", "w3", "lin1",
     "lin2", "dense", "intermediate", "output", "mlp", "attention", "self_attn", "attn",
 )  # fmt: skip
-FINAL_NORM_NAMES = ("layernorm", "norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "post_layernorm")
+FINAL_NORM_NAMES = (
+    "layernorm", "norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "post_layernorm", "layer_norm",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ ARCHITECTURES: dict[str, ToastArchitecture] = {
     # CLIP's vision tower: `post_layernorm` normalises the pooled token only, so every token's feature is the last
     # block's output (what `last_hidden_state` returns).
     "clip_vision_model": ToastArchitecture(blocks="encoder.layers", value="self_attn.v_proj"),
-    # T5's encoder on its own (`T5EncoderModel`; encoder-decoder models are refused): its final norm is the stack's.
+    # T5's encoder (`T5EncoderModel`, or the encoder of `T5ForConditionalGeneration`): its final norm is the stack's.
     "t5": ToastArchitecture(
         blocks="encoder.block", value="layer.0.SelfAttention.v", final_norm="encoder.final_layer_norm"
     ),
@@ -184,6 +187,16 @@ REFUSED_ARCHITECTURES: dict[str, str] = {
         "ViTMAEModel masks and shuffles a random subset of the patches in every forward call, so TOAST's two passes "
         "would see different tokens. Load the checkpoint as a plain ViT, which keeps every patch in order: "
         "`ViTModel.from_pretrained(...)` or `ViTForImageClassification.from_pretrained(...)`."
+    ),
+    "longformer": (
+        "Longformer's attention projects its values from a sequence-first `(tokens, batch, d)` layout and pads the "
+        "sequence to a multiple of its attention window inside the model, so the top-layer tokens that TOAST sends "
+        "down line up with neither. Use a model with batch-first attention (BERT, RoBERTa, BigBird, ModernBERT)."
+    ),
+    "led": (
+        "LED's encoder is Longformer's: its attention projects values from a sequence-first `(tokens, batch, d)` "
+        "layout and pads the sequence to a multiple of its attention window inside the encoder, so the tokens that "
+        "TOAST sends down line up with neither. Use another encoder-decoder model (BART, T5, Pegasus, mBART)."
     ),
     "swin": (
         "Swin is hierarchical: its stages change the hidden size and merge tokens, so the top-layer tokens that TOAST "
@@ -274,6 +287,9 @@ class ResolvedArchitecture:
     block_names: list[str]  # full module names, relative to the model passed to `resolve_architecture`
     value_names: list[str]  # full module names of the value projections, one per block
     final_norm: Optional[nn.Module]
+    # The module whose forward call runs the two passes: the model, or the encoder of an encoder-decoder model (which
+    # `generate` calls on its own, once, before decoding).
+    root: Optional[nn.Module] = None
 
     @property
     def causal(self) -> bool:
@@ -327,16 +343,20 @@ def resolve_architecture(model: nn.Module, target_modules=None) -> ResolvedArchi
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) or type(model).__name__
-    _refuse_encoder_decoder(model, model_type)
     if model_type in REFUSED_ARCHITECTURES:
         raise ValueError(f"TOAST cannot steer model type {model_type!r}: {REFUSED_ARCHITECTURES[model_type]}")
     backbone = getattr(model, "base_model", model)
     if not isinstance(backbone, nn.Module):
         backbone = model
+    encoder = _encoder_of(model)
     inspected = model_type not in ARCHITECTURES
     if inspected:
         _refuse_unregistered_multimodal(config, model_type)
+        if encoder is not None:  # an unregistered encoder-decoder model: the blocks are found in its encoder
+            backbone = encoder
     architecture = _inspect(backbone, model_type) if inspected else ARCHITECTURES[model_type]
+    if encoder is not None:
+        architecture = dataclasses.replace(architecture, causal=False, note=ENCODER_DECODER_NOTE)
 
     names = {module: name for name, module in model.named_modules()}
     blocks_list = _get(backbone, architecture.blocks, model_type, "blocks")
@@ -362,7 +382,16 @@ def resolve_architecture(model: nn.Module, target_modules=None) -> ResolvedArchi
         _check_targets_are_value_projections(model, value_names, target_modules)
     _check_one_hidden_size(model, model_type, value_names)
     final_norm = _get(backbone, architecture.final_norm, model_type, "final_norm") if architecture.final_norm else None
-    return ResolvedArchitecture(architecture, backbone, blocks, block_names, value_names, final_norm)
+    if encoder is not None:
+        inside = {module for module in encoder.modules()}
+        if any(block not in inside for block in blocks) or (final_norm is not None and final_norm not in inside):
+            raise ValueError(
+                f"The blocks declared for model type {model_type!r} (`{architecture.blocks}`) are not all inside its "
+                f"encoder: in an encoder-decoder model TOAST steers the encoder. Declare the encoder's blocks. "
+                + _how_to_declare(model_type)
+            )
+    root = encoder if encoder is not None else model
+    return ResolvedArchitecture(architecture, backbone, blocks, block_names, value_names, final_norm, root)
 
 
 def _check_one_hidden_size(model: nn.Module, model_type: str, value_names: list[str]) -> None:
@@ -398,23 +427,31 @@ def _refuse_unregistered_multimodal(config, model_type: str) -> None:
     )
 
 
-def _refuse_encoder_decoder(model: nn.Module, model_type: str) -> None:
-    """An encoder-decoder model (T5, BART, Whisper, ...) is refused: TOAST would steer its encoder only, and `generate`
-    runs the encoder outside the model's forward call, where no pass 1 happens. Its encoder alone is supported."""
+ENCODER_DECODER_NOTE = (
+    "In an encoder-decoder model TOAST steers the encoder: every call of the encoder (also the one `generate` makes "
+    "before decoding) runs its two passes, and the decoder, which gets no signal, reads the steered encoder states "
+    "through its cross-attention."
+)
+
+
+def _encoder_of(model: nn.Module) -> Optional[nn.Module]:
+    """The encoder of an encoder-decoder model (T5, BART, Whisper, ...), or None for any other model (also for an
+    encoder on its own: `T5EncoderModel`, `model.get_encoder()`)."""
     config = getattr(model, "config", None)
     if not getattr(config, "is_encoder_decoder", False):
-        return
-    get_decoder = getattr(model, "get_decoder", None)
+        return None
+    get_decoder, get_encoder = getattr(model, "get_decoder", None), getattr(model, "get_encoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
     # transformers' `get_decoder` returns the model itself when it has no decoder.
     if not isinstance(decoder, nn.Module) or decoder is model:
-        return  # an encoder on its own (T5EncoderModel, `model.get_encoder()`)
-    raise ValueError(
-        f"TOAST does not steer encoder-decoder models ({type(model).__name__}, model type {model_type!r}) yet: it "
-        f"would steer the encoder only, while `generate` runs the encoder outside the model's forward call, where TOAST "
-        f"has no first pass. Steer the encoder on its own instead, e.g. `T5EncoderModel.from_pretrained(...)` or "
-        f"`get_peft_model(model.get_encoder(), ToastConfig())` (classification, retrieval, embeddings)."
-    )
+        return None
+    encoder = get_encoder() if callable(get_encoder) else None
+    if not isinstance(encoder, nn.Module) or encoder is model:
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model whose encoder TOAST cannot find (`get_encoder()` "
+            f"returned {type(encoder).__name__}). Steer its encoder on its own: `get_peft_model(encoder, ToastConfig())`."
+        )
+    return encoder
 
 
 def _get(root: nn.Module, path: str, model_type: str, what: str) -> nn.Module:

@@ -485,6 +485,12 @@ def _toast_tuner(model: nn.Module) -> ToastModel:
             f"The feature cache needs a model with a TOAST adapter (`get_peft_model(model, ToastConfig())`), got "
             f"{type(model).__name__}."
         )
+    if tuner.architecture.root is not tuner.model:
+        raise ValueError(
+            f"The feature cache does not support encoder-decoder models ({type(tuner.model).__name__}): their forward "
+            f"call cannot take `toast_features`, and TOAST steers their encoder, which the model calls inside. Train "
+            f"without the cache, or cache the encoder alone (`get_peft_model(encoder, ToastConfig())`)."
+        )
     return tuner
 
 

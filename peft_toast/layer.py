@@ -120,6 +120,13 @@ class ToastLayer(nn.Module, BaseTunerLayer):
         signal: Optional[torch.Tensor] = None if self.disable_adapters else current_signal(self)
         if signal is None:
             return self.base_layer(x, *args, **kwargs)  # (B, N, out)
+        if signal.shape[:-1] != x.shape[:-1]:  # never broadcast: a transposed or padded layout would corrupt silently
+            raise ValueError(
+                f"The value projection of block {self.block_index} reads hidden states of shape {tuple(x.shape)}, but "
+                f"the top-down signal for it has shape {tuple(signal.shape)} (batch, tokens, hidden) from the pass-1 "
+                f"tokens: this model lays out or pads its tokens differently inside its attention (e.g. sequence-first, "
+                f"as Longformer), which TOAST cannot steer. Use a model with batch-first attention."
+            )
         if not self.fused_qkv:
             # V = W_v (u + t) + b_v in one product: the projection only carries values, so the signal can enter its
             # input (one matmul instead of two, and the bias is added once).

@@ -126,6 +126,12 @@ class ToastModel(BaseTuner):
                 stacklevel=2,
             )
         peft_config.base_model_dims = dims
+        if architecture.root is not self.model and peft_config.variational_loss_weight:
+            raise ValueError(
+                f"`variational_loss_weight={peft_config.variational_loss_weight}` cannot be used on an encoder-decoder "
+                f"model: TOAST steers its encoder, whose output carries no loss to add the variational loss to. Set it "
+                f"to 0 here, or pre-tune on the encoder alone (`get_peft_model(model.get_encoder(), config)`)."
+            )
         return peft_config
 
     def _check_target_module_exists(self, peft_config: ToastConfig, key: str) -> bool:
@@ -197,8 +203,9 @@ class ToastModel(BaseTuner):
         handles = self._toast_hook_handles
         # `prepend` so that our state is in place before any other hook runs; `always_call` so that a call that raises
         # still removes its signals.
-        handles.append(self.model.register_forward_pre_hook(self._toast_pre_forward, with_kwargs=True, prepend=True))
-        handles.append(self.model.register_forward_hook(self._toast_post_forward, with_kwargs=True, always_call=True))
+        root = architecture.root  # the model, or the encoder of an encoder-decoder model
+        handles.append(root.register_forward_pre_hook(self._toast_pre_forward, with_kwargs=True, prepend=True))
+        handles.append(root.register_forward_hook(self._toast_post_forward, with_kwargs=True, always_call=True))
         handles.append(architecture.feature_module.register_forward_hook(passes.capture_feature))
         handles.append(architecture.blocks[0].register_forward_pre_hook(passes.check_given_feature, with_kwargs=True))
         for index, block in enumerate(architecture.blocks):
@@ -313,6 +320,16 @@ class ToastModel(BaseTuner):
         """`sum_l MSE(A_l h_l_out, h_l_in)` over the blocks that have a down-map (only the down-maps get gradient)."""
         return passes.variational_loss(self, adapter_name, block_io)
 
+    def _pass1_only_arguments(self, kwargs: dict) -> dict:
+        """The model's forward arguments that pass 1 takes: no labels or outputs; for an encoder-decoder model, only
+        those of its encoder (no `decoder_input_ids`, ...)."""
+        kwargs = {key: value for key, value in kwargs.items() if key not in passes.PASS2_ONLY_ARGUMENTS}
+        root = self._toast_architecture.root
+        if root is not self.model:
+            accepted = inspect.signature(root.forward).parameters
+            kwargs = {key: value for key, value in kwargs.items() if key in accepted}
+        return kwargs
+
     @torch.no_grad()
     def initialise_prompt(self, *args, adapter_name: Optional[str] = None, **kwargs) -> torch.Tensor:
         """Set the prompt of `adapter_name` (default: the active adapter) to the mean direction of the real pass-1
@@ -326,8 +343,8 @@ class ToastModel(BaseTuner):
                 f"There is no TOAST adapter {adapter_name!r} to initialise (adapters: {sorted(self.toast_prompt)}); "
                 f"pass `adapter_name=` or call it outside `disable_adapter()`."
             )
-        kwargs = {key: value for key, value in kwargs.items() if key not in passes.PASS2_ONLY_ARGUMENTS}
-        features = self.run_pass1(self.model, args, kwargs)  # (B, N, d)
+        kwargs = self._pass1_only_arguments(kwargs)
+        features = self.run_pass1(self._toast_architecture.root, args, kwargs)  # (B, N, d)
         if not passes.set_prompt_from_data(self, adapter_name, features, kwargs.get("attention_mask"), force=True):
             raise ValueError(
                 "These inputs have no real token with a nonzero pass-1 feature, so they give the prompt no direction. "
@@ -345,8 +362,8 @@ class ToastModel(BaseTuner):
                 "There is no active TOAST adapter (adapters are disabled, or none is loaded), so there are no gates. "
                 "Call `toast_selection` outside `disable_adapter()`, after `set_adapter(name)`."
             )
-        kwargs = {key: value for key, value in kwargs.items() if key not in passes.PASS2_ONLY_ARGUMENTS}
-        features = self.run_pass1(self.model, args, kwargs)  # (B, N, d)
+        kwargs = self._pass1_only_arguments(kwargs)
+        features = self.run_pass1(self._toast_architecture.root, args, kwargs)  # (B, N, d)
         passes.set_prompt_from_data(self, adapter_name, features, kwargs.get("attention_mask"))
         return self.top_down_signals(adapter_name, features)[1]  # (B, N)
 
@@ -448,11 +465,12 @@ class ToastModel(BaseTuner):
 
 
 def _steering_tuner(model: nn.Module) -> Optional[ToastModel]:
-    """The `ToastModel` whose hooks run the passes of `model`, if any."""
-    for hook in model._forward_pre_hooks.values():
-        owner = getattr(hook, "__self__", None)
-        if isinstance(owner, ToastModel):
-            return owner
+    """The `ToastModel` whose hooks run the passes of `model` (on the model, or on its encoder), if any."""
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, ToastModel):
+                return owner
     return None
 
 

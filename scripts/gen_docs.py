@@ -144,7 +144,7 @@ def architectures_md() -> str:
     tested = [family for family in families if family.refused is None]
     refused = [family for family in families if family.refused is not None]
     tested_types = {family.model_type for family in tested}
-    kinds = [matrix.TEXT, matrix.VISION, matrix.DECODER, matrix.VLM]
+    kinds = [matrix.TEXT, matrix.VISION, matrix.DECODER, matrix.VLM, matrix.SEQ2SEQ]
     counts = ", ".join(f"{sum(family.kind == kind for family in tested)} {kind}s" for kind in kinds)
     lines = [
         NOTICE.format(source="`peft_toast.architectures` and the sweep's table `tests/support_matrix.py`"),
@@ -173,6 +173,14 @@ def architectures_md() -> str:
         "incremental decoding with the cache a forward call returns, and cached generation with top-block adapters, "
         "whose two caches share the bottom layers.",
         "",
+        "An encoder-decoder model (T5, BART, mBART, Pegasus, Marian, M2M100, PLBart, Blenderbot, Whisper) is steered "
+        "in its encoder. TOAST's hooks sit on the encoder, so every call of the encoder runs its two passes, also the "
+        "one that `generate` makes once before decoding; the decoder gets no signal and reads the steered encoder "
+        "states through its cross-attention, so cached decoding is the model's own (and exact). `get_peft_model` logs "
+        "this at info level and the tuner's repr says so. Not available there: the pass-1 feature cache and the "
+        "variational loss (both refused with the fix). `tests/test_encoder_decoder.py` checks that T5 and BART equal "
+        "TOAST on their encoder alone followed by the frozen decoder, also with only the top block steered.",
+        "",
         "## Support matrix",
         "",
         f"`tests/test_support_matrix.py` sweeps {len(families)} model families of transformers: {len(tested)} are "
@@ -187,9 +195,9 @@ def architectures_md() -> str:
         "- **disable**: under `disable_adapter()` the output is exactly the base model's;",
         "- **reload**: `save_pretrained`, then `PeftModel.from_pretrained` onto a fresh copy of the base model, gives "
         "exactly the same output;",
-        "- **generate** (decoders and vision-language models): greedy generation with the two KV caches gives the "
-        "tokens of generation without a cache, and each step's logits equal one full forward's (a vision-language "
-        "model gets its image at the first step, as `generate` gives it, and in the full forward).",
+        "- **generate** (decoders, vision-language and encoder-decoder models): greedy generation with the KV caches "
+        "gives the tokens of generation without a cache, and each step's logits equal one full forward's (a "
+        "vision-language model gets its image at the first step, as `generate` gives it, and in the full forward).",
         "",
         "A refused family raises at `get_peft_model`, before anything is wrapped, with the reason and what to use "
         "instead; the test checks that message. *Found by* says where TOAST takes the blocks, value projections and "
@@ -203,8 +211,8 @@ def architectures_md() -> str:
     for family in sorted(families, key=lambda f: (f.refused is not None, kinds.index(f.kind), f.model_type)):
         if family.refused is None:
             found = "registry" if family.model_type in ARCHITECTURES else "inspection"
-            causal = family.kind in (matrix.DECODER, matrix.VLM)
-            checks = ["output", "disable", "reload"] + (["generate"] if causal else [])
+            generates = family.kind in (matrix.DECODER, matrix.VLM, matrix.SEQ2SEQ)
+            checks = ["output", "disable", "reload"] + (["generate"] if generates else [])
             status, details = "tested", ", ".join(checks)
         else:
             reason = REFUSED_ARCHITECTURES.get(family.model_type)
@@ -244,7 +252,7 @@ def architectures_md() -> str:
         "module flagged `is_causal`, a config with `is_decoder`, or a family that transformers has a causal-LM class "
         "for and no masked-LM class), and a final norm among the backbone's children named "
         f"{_names(FINAL_NORM_NAMES)}. "
-        "A stack whose length is not the config's `num_hidden_layers` is refused (it is not one block per layer), and "
+        "In an encoder-decoder model the search runs inside its encoder. A stack whose length is not the config's `num_hidden_layers` is refused (it is not one block per layer), and "
         "so is any model whose value projections read different hidden sizes in different blocks (a hierarchical "
         "backbone). When inspection fails, the error says so and shows the declaration to write. Declaring an "
         "architecture is one call (here OPT, which inspection also finds, with the final norm that sits inside its "

@@ -15,6 +15,8 @@ VISION = "vision encoder"
 DECODER = "decoder"
 # A vision-language model: TOAST steers its language model (a decoder); its inputs are `vision_language_inputs`.
 VLM = "vision-language model"
+# An encoder-decoder model: TOAST steers its encoder; its inputs are `seq2seq_inputs`.
+SEQ2SEQ = "encoder-decoder model"
 
 VOCAB = 99
 IMAGE = 16
@@ -33,8 +35,9 @@ class Family:
     Args:
         model_type: `config.model_type` of the tiny model.
         kind: `TEXT`, `VISION`, `DECODER` (a decoder is causal: its feature is the last block's output before the
-            final norm, and its cached generation is checked) or `VLM` (its language model is steered as a decoder;
-            its inputs come from `vision_language_inputs`).
+            final norm, and its cached generation is checked), `VLM` (its language model is steered as a decoder;
+            its inputs come from `vision_language_inputs`) or `SEQ2SEQ` (its encoder is steered; its inputs come from
+            `seq2seq_inputs`, and its cached generation is checked).
         model: the transformers class that is built (from its own config class).
         config: the tiny configuration's arguments.
         fused: `(layout, key/value heads)` of a fused query/key/value projection, the layout one of `"contiguous"`,
@@ -92,6 +95,36 @@ def _vision(model_type: str, model: str, refused=None, **overrides) -> Family:
 
 def _decoder(model_type: str, model: str, base: Optional[dict] = None, fused=None, **overrides) -> Family:
     return Family(model_type, DECODER, model, {**(_LLAMA_LIKE if base is None else base), **overrides}, fused)
+
+
+_SEQ2SEQ_LIKE = dict(
+    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=37, decoder_ffn_dim=37, vocab_size=VOCAB, max_position_embeddings=64,
+    init_std=0.2,  # at the default 0.02 a tiny random decoder barely reads its encoder: the steering would not show
+)  # fmt: skip
+# Whisper: 8 mel bins x 16 frames, 8 positions after its stride-2 convolution.
+_WHISPER = dict(
+    _SEQ2SEQ_LIKE, num_mel_bins=8, max_source_positions=8, max_target_positions=32, pad_token_id=1,
+    decoder_start_token_id=0, bos_token_id=0, eos_token_id=2,
+)  # fmt: skip
+
+
+def _seq2seq(model_type: str, model: str, refused=None, **overrides) -> Family:
+    return Family(model_type, SEQ2SEQ, model, {**_SEQ2SEQ_LIKE, **overrides}, refused=refused)
+
+
+def seq2seq_inputs(family: Family, batch: int = 2, seq: int = 6, target: int = 4, seed: int = 0) -> dict:
+    """The inputs of a tiny encoder-decoder model: random source tokens (Whisper: random log-mel features) and
+    `target` random decoder tokens."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    if family.model_type == "whisper":
+        source = {"input_features": torch.randn(batch, 8, 16, generator=generator)}
+    else:
+        input_ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+        source = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    return {**source, "decoder_input_ids": torch.randint(3, VOCAB, (batch, target), generator=generator)}
 
 
 _VISION_TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
@@ -207,6 +240,12 @@ FAMILIES: list[Family] = [
         "FunnelForSequenceClassification",
         dict(d_model=32, n_head=4, d_head=8, d_inner=37, block_sizes=[1, 1], vocab_size=VOCAB, num_labels=2),
         refused=("pools the sequence between its blocks", "Use a model that keeps one token per input position"),
+    ),
+    _text(
+        "longformer",
+        "LongformerForSequenceClassification",
+        attention_window=4,
+        refused=("sequence-first", "Use a model with batch-first attention"),
     ),
     # vision encoders
     _vision("vit", "ViTForImageClassification"),
@@ -363,6 +402,42 @@ FAMILIES: list[Family] = [
         max_seq_len=64,
         fused=("contiguous", 4),
     ),
+    # encoder-decoder models: the encoder is steered (the decoder reads the steered encoder states)
+    Family(
+        "t5",
+        SEQ2SEQ,
+        "T5ForConditionalGeneration",
+        dict(
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            vocab_size=VOCAB,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        ),
+    ),  # fmt: skip
+    _seq2seq("bart", "BartForConditionalGeneration"),
+    _seq2seq("mbart", "MBartForConditionalGeneration"),
+    _seq2seq("pegasus", "PegasusForConditionalGeneration"),
+    _seq2seq("marian", "MarianMTModel", decoder_vocab_size=VOCAB, pad_token_id=1, decoder_start_token_id=1),
+    _seq2seq("m2m_100", "M2M100ForConditionalGeneration"),
+    _seq2seq("plbart", "PLBartForConditionalGeneration"),
+    _seq2seq("blenderbot", "BlenderbotForConditionalGeneration"),
+    Family("whisper", SEQ2SEQ, "WhisperForConditionalGeneration", _WHISPER),
+    Family(
+        "led",
+        SEQ2SEQ,
+        "LEDForConditionalGeneration",
+        {
+            **{k: v for k, v in _SEQ2SEQ_LIKE.items() if k != "max_position_embeddings"},
+            "max_encoder_position_embeddings": 64,
+            "max_decoder_position_embeddings": 64,
+            "attention_window": 4,
+        },
+        refused=("Longformer's", "sequence-first", "Use another encoder-decoder model"),
+    ),  # fmt: skip
     # vision-language models: the language model is steered; pass 1 runs the vision tower too
     Family(
         "llava",

@@ -429,19 +429,6 @@ BART = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_he
             encoder_ffn_dim=37, decoder_ffn_dim=37, vocab_size=VOCAB)  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(**T5)),
-        lambda: transformers.BartForConditionalGeneration(transformers.BartConfig(**BART)),
-    ],
-    ids=["t5", "bart"],
-)
-def test_encoder_decoder_models_are_refused_with_the_encoder_as_the_fix(make):
-    with pytest.raises(ValueError, match=r"does not steer encoder-decoder models.*encoder only.*get_encoder\(\)"):
-        get_peft_model(make(), ToastConfig())
-
-
 @pytest.mark.parametrize("kind", ["t5-encoder", "bart-encoder"])
 def test_an_encoder_of_an_encoder_decoder_model_is_steered(kind):
     if kind == "t5-encoder":

@@ -29,12 +29,14 @@ from support_matrix import (
     DECODER,
     FAMILIES,
     IMAGE,
+    SEQ2SEQ,
     VISION,
     VLM,
     VLM_SPECIAL_TOKENS,
     VOCAB,
     Family,
     continued_inputs,
+    seq2seq_inputs,
     vision_language_inputs,
 )
 
@@ -55,9 +57,15 @@ def build(family: Family) -> torch.nn.Module:
     return model
 
 
+def family_id(family: Family) -> str:
+    return f"{family.model_type}-seq2seq" if family.kind == SEQ2SEQ else family.model_type
+
+
 def make_inputs(family: Family, batch: int = 2, seq: int = 6) -> dict:
     if family.kind == VLM:
         return vision_language_inputs(family, batch=batch, text=seq)
+    if family.kind == SEQ2SEQ:
+        return seq2seq_inputs(family, batch=batch, seq=seq)
     generator = torch.Generator().manual_seed(0)
     if family.kind == VISION:
         return {"pixel_values": torch.randn(batch, 3, IMAGE, IMAGE, generator=generator)}
@@ -108,6 +116,9 @@ def plain_toast_output(
             base(**inputs)
             handle.remove()
             x = captured[0]
+        elif family.kind == SEQ2SEQ:  # the encoder's output tokens, on the source inputs only
+            source = {key: value for key, value in inputs.items() if not key.startswith("decoder_")}
+            x = base.get_encoder()(**source).last_hidden_state
         else:  # the encoder's output tokens (after its final norm, if it has one)
             x = base.base_model(**inputs).last_hidden_state
         prompt = tensors["base_model.model.toast.toast_prompt"]  # (d,)
@@ -150,7 +161,7 @@ def steered_model(family: Family, base, inputs: dict):
     return model.eval()
 
 
-@pytest.mark.parametrize("family", TESTED, ids=lambda family: family.model_type)
+@pytest.mark.parametrize("family", TESTED, ids=family_id)
 def test_family_is_steered_exactly(family, tmp_path):
     base = build(family)
     reference, fresh = copy.deepcopy(base), copy.deepcopy(base)
@@ -186,7 +197,7 @@ def test_family_is_steered_exactly(family, tmp_path):
     assert torch.equal(output(reloaded, inputs), steered)
 
 
-@pytest.mark.parametrize("family", [f for f in TESTED if f.kind in CAUSAL], ids=lambda family: family.model_type)
+@pytest.mark.parametrize("family", [f for f in TESTED if f.kind in CAUSAL], ids=family_id)
 def test_decoder_generates_the_same_tokens_with_and_without_a_cache(family):
     """Greedy decoding with the two KV caches gives the tokens of decoding without a cache, and each step's logits are
     those of one full forward over the sequence (for a vision-language model: the image is given to the first step
@@ -207,7 +218,27 @@ def test_decoder_generates_the_same_tokens_with_and_without_a_cache(family):
         torch.testing.assert_close(logits, full[:, start + step], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", REFUSED, ids=lambda family: family.model_type)
+@pytest.mark.parametrize("family", [f for f in TESTED if f.kind == SEQ2SEQ], ids=family_id)
+def test_encoder_decoder_generates_the_same_tokens_with_and_without_a_cache(family):
+    """The encoder runs (and is steered) once, before decoding; greedy decoding with the decoder's KV cache gives the
+    tokens of decoding without it, and each step's logits are those of one full forward over the generated tokens."""
+    inputs = make_inputs(family)
+    source = {key: value for key, value in inputs.items() if not key.startswith("decoder_")}
+    model = steered_model(family, build(family), inputs)
+    new = 5
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    cached = model.generate(**source, use_cache=True, output_logits=True, return_dict_in_generate=True, **settings)
+    uncached = model.generate(**source, use_cache=False, return_dict_in_generate=True, **settings)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    full = output(model, {**source, "decoder_input_ids": cached.sequences})  # (B, T, V)
+    start = cached.sequences.shape[1] - 1 - len(cached.logits)
+    for step, logits in enumerate(cached.logits):
+        torch.testing.assert_close(logits, full[:, start + step], rtol=1e-4, atol=1e-4)
+    frozen = build(family).generate(**source, output_logits=True, return_dict_in_generate=True, **settings)
+    assert not torch.allclose(torch.stack(frozen.logits), torch.stack(cached.logits), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", REFUSED, ids=family_id)
 def test_family_is_refused_with_the_fix(family):
     base = build(family)
     with pytest.raises(ValueError) as error:
