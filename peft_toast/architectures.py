@@ -41,7 +41,8 @@ class ToastArchitecture:
     """Declares where TOAST finds what it needs in one model family.
 
     Args:
-        blocks: path of the `nn.ModuleList` of transformer blocks, relative to the backbone.
+        blocks: path of the `nn.ModuleList` (or `nn.Sequential`, as in timm) of transformer blocks, relative to the
+            backbone.
         value: path of the value projection inside one block.
         fused_qkv: the value "projection" is a fused query/key/value projection; the signal then enters its value
             slice only. How the output is laid out, with sizes from the model config (`num_attention_heads`,
@@ -51,7 +52,8 @@ class ToastArchitecture:
             `"grouped"`: `k` groups of `[q ... q | k_j | v_j]` (Falcon's new decoder architecture);
             `"sharded_qvk"`: 4 model-parallel shards of `[q | v | k]` (CodeGen); `"auto"`: grouped if the config says
             `new_decoder_architecture`, contiguous if `multi_query`, per-head otherwise (Falcon, GPT-BigCode). A layout
-            whose sizes do not add up to the projection's output is refused.
+            whose sizes do not add up to the projection's output is refused. A model without a transformers config
+            (timm's `attn.qkv`, a plain torch module) may declare `"contiguous"`: its three equal parts.
         final_norm: path of the norm after the last block, relative to the backbone, or None.
         causal: decoder (causal attention). The pass-1 feature is then the last block's output *before* the final
             norm, and generation keeps a second KV cache. Encoders use the output *after* the final norm (or the last
@@ -212,6 +214,10 @@ def fused_value_index(config, layout: Union[bool, str], out_features: int) -> to
     heads = getattr(config, "num_attention_heads", None)
     hidden = getattr(config, "hidden_size", None)
     head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads and hidden else None)
+    if config is None and layout in (True, "contiguous") and out_features % 3 == 0:
+        # A model without a transformers config (timm's `attn.qkv`, or any plain torch module): a contiguous
+        # `[q | k | v]` is read as multi-head attention, three equal parts (grouped keys and values need a config).
+        return torch.arange(2 * out_features // 3, out_features)
     if not (isinstance(heads, int) and isinstance(head_dim, int) and heads > 0 and head_dim > 0):
         raise ValueError(
             f"A fused query/key/value projection needs `num_attention_heads` and `head_dim` (or `hidden_size`) in the "
@@ -360,10 +366,10 @@ def resolve_architecture(model: nn.Module, target_modules=None) -> ResolvedArchi
 
     names = {module: name for name, module in model.named_modules()}
     blocks_list = _get(backbone, architecture.blocks, model_type, "blocks")
-    if not isinstance(blocks_list, nn.ModuleList) or len(blocks_list) == 0:
+    if not isinstance(blocks_list, (nn.ModuleList, nn.Sequential)) or len(blocks_list) == 0:
         raise ValueError(
-            f"`{architecture.blocks}` of model type {model_type!r} is not a non-empty nn.ModuleList of blocks. "
-            + _how_to_declare(model_type)
+            f"`{architecture.blocks}` of model type {model_type!r} is not a non-empty nn.ModuleList (or nn.Sequential) "
+            f"of blocks. " + _how_to_declare(model_type)
         )
     blocks = list(blocks_list)
     layers = getattr(config, "num_hidden_layers", None)

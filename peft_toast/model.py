@@ -163,7 +163,9 @@ class ToastModel(BaseTuner):
                         f"precision, e.g. `BitsAndBytesConfig(..., llm_int8_skip_modules=['{target_name}'])`."
                     )
                 out_features = base.weight.shape[0 if isinstance(base, nn.Linear) else 1]
-                value_index = fused_value_index(blocks_config(self.model.config), layout, out_features)
+                value_index = fused_value_index(
+                    blocks_config(getattr(self.model, "config", None)), layout, out_features
+                )
             new_module = ToastLayer(target, block_index, value_index=value_index)
             # The adapter tensors after PEFT's `_replace_module`, which moves them onto the base weight's device: for
             # a layer that accelerate offloaded that is the meta device, where `adapter_factory` does not put them.

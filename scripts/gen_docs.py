@@ -289,6 +289,32 @@ def architectures_md() -> str:
         "`ToastConfig` instead names separate value projections directly (one per block); a name that is a query, "
         "key, output or MLP layer, or a module that does not read the hidden size, is refused.",
         "",
+        "## Models outside transformers (timm)",
+        "",
+        "A plain torch model has no `config`: its class name stands for the model type, and a declaration places "
+        "TOAST in it. timm's Vision Transformers (the reference implementation's backbone family) keep their blocks "
+        "in an `nn.Sequential`, fuse `[q | k | v]` into `attn.qkv` and end with `norm`; without a config a "
+        "`'contiguous'` projection is read as three equal parts (multi-head attention; grouped keys and values need a "
+        "config). The head is named in `modules_to_save`:",
+        "",
+        "<!-- no-test: needs timm -->",
+        "```python",
+        "import timm",
+        "from peft import get_peft_model",
+        "from peft_toast import ToastArchitecture, ToastConfig, register_architecture",
+        "",
+        'register_architecture("VisionTransformer", ToastArchitecture(blocks="blocks", value="attn.qkv",',
+        '                                                             fused_qkv="contiguous", final_norm="norm"))',
+        'vit = timm.create_model("vit_small_patch16_224", pretrained=True, num_classes=10)',
+        'model = get_peft_model(vit, ToastConfig(modules_to_save=["head"]))',
+        "```",
+        "",
+        "timm itself is not installed on this project's machines (it imports torchvision, whose compiled operators do "
+        "not load with the CPU build of torch 2.13 there), so `tests/test_plain_torch_model.py` tests the declaration "
+        "on a plain torch model with timm's module tree and attention code: the output equals TOAST recomputed from "
+        "the saved tensors with plain torch, disabled equals the base model, a reloaded adapter gives the same output, "
+        "and only the adapter and the head train.",
+        "",
     ]
     return "\n".join(lines)
 
