@@ -385,7 +385,7 @@ class ToastModel(BaseTuner):
     # ---------------------------------------------------------------------------------------- adapter lifecycle
 
     def _sync_selection_trainability(self, inference_mode: bool = False) -> None:
-        """Make the tuner-level prompt and channel selection follow the active adapter, like the wrapped layers."""
+        """Make the prompts and channel selections (`model.toast`) follow the active adapter, like the wrapped layers."""
         enabled = self.active_toast_adapter() is not None or not self.toast_prompt
         for name, prompt in self.toast_prompt.items():
             config = self.peft_config.get(name)
