@@ -104,6 +104,15 @@ def make_inputs(kind: str, batch: int = 2, seq: int = 6, seed: int = 0) -> dict:
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
+def free_port() -> int:
+    """A TCP port on localhost that is free now, for a process group's rendezvous (multi-process tests)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def randomize_adapter(model, std: float = 0.3, seed: int = 0) -> None:
     """Give every TOAST tensor (and head) random values, so that the adapter visibly changes the outputs."""
     generator = torch.Generator().manual_seed(seed)

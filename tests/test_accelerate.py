@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ import torch
 import train_accelerate
 import train_image_classifier
 from accelerate.state import AcceleratorState
+from conftest import free_port
 from safetensors.torch import load_file
 from test_trainer import ADAPTER_FILES, EXAMPLES, assert_same_adapter, image_args, run_killed_then_resumed
 
@@ -130,12 +130,6 @@ def test_run_killed_and_resumed_ends_at_the_uninterrupted_adapter(tmp_path, tiny
     assert_same_adapter(tmp_path / "uninterrupted" / "adapter", tmp_path / "killed" / "adapter", atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("layers", [None, "-1"], ids=["every-block", "top-block"])
 def test_two_processes_match_one_process_on_the_same_global_batches(
@@ -151,7 +145,7 @@ def test_two_processes_match_one_process_on_the_same_global_batches(
     # multi-process launcher (torchrun) with the script's --cpu gives DDP over gloo, on any machine.
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-        "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}",
+        "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}",
     ]  # fmt: skip
     script = [str(EXAMPLES / "train_accelerate.py"), *arguments]
     runs = {

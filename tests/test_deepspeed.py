@@ -10,23 +10,17 @@ runs outside the blocks still sees whole tensors."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 WORKER = Path(__file__).parent / "deepspeed_worker.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -34,7 +28,7 @@ def _free_port() -> int:
 def test_zero_processes_train_and_save_like_one_process(tmp_path, stage):
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
         str(WORKER), str(tmp_path), str(stage),
     ]  # fmt: skip
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=400)

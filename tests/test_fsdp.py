@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import make_inputs, make_llama
+from conftest import free_port, make_inputs, make_llama
 from peft import get_peft_model
 from safetensors.torch import load_file
 
@@ -27,18 +26,12 @@ from peft_toast.distributed import fully_shard_frozen_base, replicate_adapter_gr
 WORKER = Path(__file__).parent / "fsdp_worker.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("layers", [None, [-1]], ids=["every-block", "top-block"])
 def test_two_sharded_processes_train_resume_and_save_like_one_unsharded(tmp_path, layers):
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
         str(WORKER), str(tmp_path), json.dumps(layers),
     ]  # fmt: skip
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
