@@ -61,7 +61,7 @@ METHODS = (
     "linear", "lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-fast", "toast-r8", "toast-lite",
     "toast-contrast", "toast-oracle", "toast-top1", "toast-top2", "toast-top3", "toast-top6", "toast-top3-src",
     "toast-drop10", "toast-drop30", "toast-readout", "toast-rms-readout",
-    "toast-readout-src", "toast-readout-r8",
+    "toast-readout-src", "toast-readout-r8", "toast-readout-h10", "lora-h10",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -86,6 +86,8 @@ LABELS = {
     "toast-rms-readout": "TOAST, feature_norm='rms', down-maps frozen",
     "toast-readout-src": "TOAST, down-maps frozen, source pre-tuned",
     "toast-readout-r8": "TOAST, down-maps frozen, rank-8 readouts",
+    "toast-readout-h10": "TOAST, down-maps frozen, head at 10x the rate",
+    "lora-h10": "LoRA r=8 (q, v), head at 10x the rate",
 }
 TOAST_CONFIGS = {
     "toast": {},
@@ -111,6 +113,7 @@ TOAST_CONFIGS = {
     "toast-rms-readout": {"feature_norm": "rms", "train_down": False},
     "toast-readout-src": {"train_down": False},
     "toast-readout-r8": {"train_down": False, "feedback_rank": 8},
+    "toast-readout-h10": {"train_down": False},
     # The source stages of "toast-src" and "toast-top3-src".
     "toast-pretune": {"variational_loss_weight": 0.1},
     "toast-top3-pretune": {"layers_to_transform": [-3, -2, -1], "variational_loss_weight": 0.1},
@@ -118,6 +121,11 @@ TOAST_CONFIGS = {
 # Prompt norms set after initialising the prompt from training images: Adam turns a prompt by about lr / |p| radians
 # per step, so the data prompt of norm sqrt(d) (~20 on DINOv2-S) barely turns in a few hundred steps at 1e-4.
 PROMPT_NORMS = {"toast-fast": 1.0}
+# The head's rate as a multiple of the adapter's (`create_toast_optimizer(head_lr=...)`): Adam moves every entry of a
+# full-rank d x d readout by about lr per step, so the value inputs move by about lr x |fed-back token|_1 (hundreds on
+# DINOv2-S) per step, and the one rate that keeps the readouts stable leaves the head (reading a d-vector once) slow.
+# LoRA gets the same multiplier, so that neither method is the only one with a second rate.
+HEAD_LR_RATIOS = {"toast-readout-h10": 10.0, "lora-h10": 10.0}
 # Prompt directions set before training (norm sqrt(d), like the data prompt): "contrast" from 64 training images without
 # labels; "oracle" from the target boxes of the whole training split -- privileged, a diagnostic of what selection
 # alone can do, never a method.
@@ -144,6 +152,8 @@ LEARNING_RATES = {
     "toast-readout": (3e-4, 1e-3, 3e-3),
     "toast-rms-readout": (1e-5, 3e-5, 1e-4),
     "toast-readout-r8": (1e-3, 3e-3, 1e-2),
+    "toast-readout-h10": (1e-4, 3e-4, 1e-3),
+    "lora-h10": (3e-4, 1e-3, 3e-3),
     "toast-contrast": (1e-4, 3e-4, 1e-3),
     "toast-oracle": (1e-4, 3e-4, 1e-3),
 }
@@ -500,7 +510,7 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
             depth = model.config.num_hidden_layers
             config["layers_to_transform"] = [index for index in config["layers_to_transform"] if index >= -depth]
         model = get_peft_model(model, ToastConfig(**config))
-    elif method in ("lora", "lora-src"):
+    elif method in ("lora", "lora-src", "lora-h10"):
         model = _models.apply_method(model, "lora")  # r=8, alpha=16 on q and v, the head trained and saved
     else:
         raise ValueError(f"Unknown method {method!r}.")
@@ -575,9 +585,12 @@ def train_and_score(task, method, lr, seed, steps, batch_size, head, splits_to_s
         batch_size=batch_size,
         lr=lr,
         seed=seed,
+        head_lr=lr * HEAD_LR_RATIOS[method] if method in HEAD_LR_RATIOS else None,
         desc=f"{task.name} {method} {steps} steps lr={lr:g} seed={seed}",
     )
     record = {"seed": seed, "lr": lr, "final_loss": statistics.mean(losses[-5:])}
+    if method in HEAD_LR_RATIOS:
+        record["head_lr"] = lr * HEAD_LR_RATIOS[method]
     record["train_seconds"] = time.perf_counter() - start
     for name in splits_to_score:
         record[f"{name}_accuracy"] = _training.accuracy(model, cached_view(task, name, method))
