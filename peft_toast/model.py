@@ -408,14 +408,6 @@ class ToastModel(BaseTuner):
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._sync_selection_trainability(inference_mode)
 
-    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
-        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
-        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
-        for name in names & set(self.toast_prompt):
-            self.toast_prompt[name].requires_grad_(requires_grad and self.peft_config[name].train_prompt)
-        for name in names & set(self.toast_channel):
-            self.toast_channel[name].requires_grad_(requires_grad)
-
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
         self._sync_selection_trainability()

@@ -385,6 +385,27 @@ def test_requires_grad_follows_the_active_adapter_and_inference_mode(kind):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_set_requires_grad_covers_the_selection_and_keeps_a_frozen_prompt_frozen(kind):
+    """PEFT's `set_requires_grad` reaches the prompts and channel maps (`model.toast`), and `train_prompt=False` holds."""
+    model = _toast(kind, randomize=False, train_prompt=False, channel_selection="full")
+    model.add_adapter("other", _config(kind, channel_selection="full"))
+    default = {n for n in _expected_trainable(model, "default") if ".modules_to_save." not in n}
+    other = {n for n in _expected_trainable(model, "other") if ".modules_to_save." not in n}
+    assert any("toast_channel" in n for n in default) and not any("toast_prompt" in n for n in default)
+    assert any("toast_prompt" in n for n in other)
+
+    def adapter_trainable():
+        return {n for n, p in model.named_parameters() if p.requires_grad and "toast_" in n}
+
+    assert adapter_trainable() == default
+    model.set_requires_grad("other")
+    assert adapter_trainable() == default | other
+    model.set_requires_grad("default", requires_grad=False)
+    assert adapter_trainable() == other
+    model.set_requires_grad(["default", "other"])
+    assert adapter_trainable() == default | other, "the frozen prompt of 'default' must stay frozen"
+
+
 def test_requires_grad_follows_is_trainable_on_load(kind, tmp_path):
     _toast(kind).save_pretrained(tmp_path)
     frozen = PeftModel.from_pretrained(_base(kind), tmp_path)  # is_trainable=False by default
