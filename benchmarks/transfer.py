@@ -55,13 +55,14 @@ from PIL import Image
 
 from peft_toast import ToastConfig
 from peft_toast.cli import script_parser
-from peft_toast.state import CallState
+from peft_toast.state import CallState, current_signal
 
 METHODS = (
     "linear", "lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-fast", "toast-r8", "toast-lite",
     "toast-contrast", "toast-oracle", "toast-top1", "toast-top2", "toast-top3", "toast-top6", "toast-top3-src",
     "toast-drop10", "toast-drop30", "toast-readout", "toast-rms-readout",
     "toast-readout-src", "toast-readout-r8", "toast-readout-h10", "lora-h10",
+    "toast-readout-qv",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -88,6 +89,7 @@ LABELS = {
     "toast-readout-r8": "TOAST, down-maps frozen, rank-8 readouts",
     "toast-readout-h10": "TOAST, down-maps frozen, head at 10x the rate",
     "lora-h10": "LoRA r=8 (q, v), head at 10x the rate",
+    "toast-readout-qv": "TOAST, down-maps frozen, signal into the queries too (not TOAST: a diagnostic)",
 }
 TOAST_CONFIGS = {
     "toast": {},
@@ -114,6 +116,7 @@ TOAST_CONFIGS = {
     "toast-readout-src": {"train_down": False},
     "toast-readout-r8": {"train_down": False, "feedback_rank": 8},
     "toast-readout-h10": {"train_down": False},
+    "toast-readout-qv": {"train_down": False},
     # The source stages of "toast-src" and "toast-top3-src".
     "toast-pretune": {"variational_loss_weight": 0.1},
     "toast-top3-pretune": {"layers_to_transform": [-3, -2, -1], "variational_loss_weight": 0.1},
@@ -126,6 +129,11 @@ PROMPT_NORMS = {"toast-fast": 1.0}
 # DINOv2-S) per step, and the one rate that keeps the readouts stable leaves the head (reading a d-vector once) slow.
 # LoRA gets the same multiplier, so that neither method is the only one with a second rate.
 HEAD_LR_RATIOS = {"toast-readout-h10": 10.0, "lora-h10": 10.0}
+# Methods whose top-down signal also enters each steered block's query projection, `Q = W_q (u + t_l)` like the
+# values: LoRA adapts the queries and TOAST does not (its author: queries and keys group tokens, which should not depend
+# on the task). A diagnostic of where LoRA's lead comes from, made by wrapping the query projections here, not a
+# library option.
+STEERED_QUERIES = ("toast-readout-qv",)
 # Prompt directions set before training (norm sqrt(d), like the data prompt): "contrast" from 64 training images without
 # labels; "oracle" from the target boxes of the whole training split -- privileged, a diagnostic of what selection
 # alone can do, never a method.
@@ -153,6 +161,7 @@ LEARNING_RATES = {
     "toast-rms-readout": (1e-5, 3e-5, 1e-4),
     "toast-readout-r8": (1e-3, 3e-3, 1e-2),
     "toast-readout-h10": (1e-4, 3e-4, 1e-3),
+    "toast-readout-qv": (3e-4, 1e-3, 3e-3),
     "lora-h10": (3e-4, 1e-3, 3e-3),
     "toast-contrast": (1e-4, 3e-4, 1e-3),
     "toast-oracle": (1e-4, 3e-4, 1e-3),
@@ -510,6 +519,8 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
             depth = model.config.num_hidden_layers
             config["layers_to_transform"] = [index for index in config["layers_to_transform"] if index >= -depth]
         model = get_peft_model(model, ToastConfig(**config))
+        if method in STEERED_QUERIES:
+            steer_queries(model)
     elif method in ("lora", "lora-src", "lora-h10"):
         model = _models.apply_method(model, "lora")  # r=8, alpha=16 on q and v, the head trained and saved
     else:
@@ -532,6 +543,35 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
         assert not missing, f"the source stage has no {sorted(missing)[:3]}"
         model.load_state_dict(source[method], strict=False)
     return model
+
+
+class SteeredQuery(torch.nn.Module):
+    """A frozen query projection that reads its block's top-down signal too (`STEERED_QUERIES`)."""
+
+    def __init__(self, query: torch.nn.Module, value_layer: torch.nn.Module):
+        super().__init__()
+        self.query = query
+        object.__setattr__(self, "value_layer", value_layer)  # not a child: it stays where PEFT put it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        signal = None if self.value_layer.disable_adapters else current_signal(self.value_layer)
+        return self.query(x if signal is None else x + signal.to(x.dtype))
+
+
+def steer_queries(model) -> None:
+    """Wrap the query projection beside every steered value projection (`query` / `q_proj` next to `value` /
+    `v_proj`)."""
+    from peft_toast.layer import ToastLayer
+
+    wrapped = 0
+    for module in list(model.modules()):
+        for query_name, value_name in (("query", "value"), ("q_proj", "v_proj")):
+            value, query = getattr(module, value_name, None), getattr(module, query_name, None)
+            if isinstance(value, ToastLayer) and isinstance(query, torch.nn.Linear):
+                setattr(module, query_name, SteeredQuery(query, value))
+                wrapped += 1
+    if not wrapped:
+        raise ValueError("No `query` projection beside a steered `value` projection to steer.")
 
 
 def _units(features: torch.Tensor) -> torch.Tensor:
