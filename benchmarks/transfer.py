@@ -62,7 +62,7 @@ METHODS = (
     "toast-contrast", "toast-oracle", "toast-top1", "toast-top2", "toast-top3", "toast-top6", "toast-top3-src",
     "toast-drop10", "toast-drop30", "toast-readout", "toast-rms-readout",
     "toast-readout-src", "toast-readout-r8", "toast-readout-h10", "lora-h10",
-    "toast-readout-qv",
+    "toast-readout-qv", "toast-h10",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -89,6 +89,7 @@ LABELS = {
     "toast-readout-r8": "TOAST, down-maps frozen, rank-8 readouts",
     "toast-readout-h10": "TOAST, down-maps frozen, head at 10x the rate",
     "lora-h10": "LoRA r=8 (q, v), head at 10x the rate",
+    "toast-h10": "TOAST (full rank), head at 10x the rate",
     "toast-readout-qv": "TOAST, down-maps frozen, signal into the queries too (not TOAST: a diagnostic)",
 }
 TOAST_CONFIGS = {
@@ -116,6 +117,7 @@ TOAST_CONFIGS = {
     "toast-readout-src": {"train_down": False},
     "toast-readout-r8": {"train_down": False, "feedback_rank": 8},
     "toast-readout-h10": {"train_down": False},
+    "toast-h10": {},
     "toast-readout-qv": {"train_down": False},
     # The source stages of "toast-src" and "toast-top3-src".
     "toast-pretune": {"variational_loss_weight": 0.1},
@@ -128,7 +130,7 @@ PROMPT_NORMS = {"toast-fast": 1.0}
 # full-rank d x d readout by about lr per step, so the value inputs move by about lr x |fed-back token|_1 (hundreds on
 # DINOv2-S) per step, and the one rate that keeps the readouts stable leaves the head (reading a d-vector once) slow.
 # LoRA gets the same multiplier, so that neither method is the only one with a second rate.
-HEAD_LR_RATIOS = {"toast-readout-h10": 10.0, "lora-h10": 10.0}
+HEAD_LR_RATIOS = {"toast-readout-h10": 10.0, "lora-h10": 10.0, "toast-h10": 10.0}
 # Methods whose top-down signal also enters each steered block's query projection, `Q = W_q (u + t_l)` like the
 # values: LoRA adapts the queries and TOAST does not (its author: queries and keys group tokens, which should not depend
 # on the task). A diagnostic of where LoRA's lead comes from, made by wrapping the query projections here, not a
@@ -162,6 +164,7 @@ LEARNING_RATES = {
     "toast-readout-r8": (1e-3, 3e-3, 1e-2),
     "toast-readout-h10": (1e-4, 3e-4, 1e-3),
     "toast-readout-qv": (3e-4, 1e-3, 3e-3),
+    "toast-h10": (1e-4, 3e-4, 1e-3),
     "lora-h10": (3e-4, 1e-3, 3e-3),
     "toast-contrast": (1e-4, 3e-4, 1e-3),
     "toast-oracle": (1e-4, 3e-4, 1e-3),
