@@ -230,6 +230,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Image tasks: the training split holds this many views of each image (the original and random "
         "horizontal flips + shifts of up to SHIFT_FRACTION of the side), every view's pass 1 cached; 1 = none.",
     )
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="Image tasks: train on the first N images of the training split only (the same canvases as the full "
+        "split; validation and test unchanged), for the few-label regime.",
+    )
     parser.add_argument("--from-json", type=Path, nargs="+", help="Regenerate the docs from results files only.")
     parser.add_argument(
         "--assemble",
@@ -340,6 +347,12 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
         task.splits = {name: CachedSplit(**vars(split)) for name, split in task.splits.items()}
         if classes is not None:
             task.name += "-" + "".join(map(str, classes))
+        if args.train_size:
+            train = task.splits["train"]
+            task.splits["train"] = CachedSplit(
+                labels=train.labels[: args.train_size], pixel_values=train.pixel_values[: args.train_size]
+            )
+            task.name += f"-train{args.train_size}"
         return _same_backbone_for_every_seed(task, "image")
     from transformers import AutoImageProcessor
 
@@ -369,6 +382,10 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
             pictures.append(canvas)
             boxes.append(box)
         labels = list(dataset["label"])
+        if (
+            name == "train" and args.train_size
+        ):  # the first N of the same (shuffled) canvases: a subset of the full set
+            pictures, boxes, labels = pictures[: args.train_size], boxes[: args.train_size], labels[: args.train_size]
         if name == "train" and args.train_views > 1:  # views 1.. of every image after all of view 0 (the original)
             view_rng = np.random.default_rng(7 + 1000 * clutter)  # its own stream: view 0 stays the canvas above
             originals = list(zip(pictures, boxes))
@@ -397,6 +414,9 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
     if classes is not None:
         description += f", classes {' '.join(map(str, classes))}"
         name += "-" + "".join(map(str, classes))
+    if args.train_size:
+        description += f", {args.train_size} training images"
+        name += f"-train{args.train_size}"
     if args.train_views > 1:
         description += f", {args.train_views} training views per image (flip + shift)"
         name += f"-views{args.train_views}"

@@ -384,6 +384,51 @@ def test_transfer_src_method_starts_from_the_source_adapter_and_the_probe_head()
     )
 
 
+def test_transfer_train_size_keeps_the_first_images_of_the_same_split():
+    full = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
+    few = transfer.image_task("fmnist", transfer.parse_args(["--tiny", "--train-size", "20"]))
+    assert len(few.splits["train"]) == 20 and few.name.endswith("-train20")
+    torch.testing.assert_close(few.splits["train"].pixel_values, full.splits["train"].pixel_values[:20])
+    torch.testing.assert_close(few.splits["train"].labels, full.splits["train"].labels[:20])
+    torch.testing.assert_close(few.splits["test"].pixel_values, full.splits["test"].pixel_values)
+
+
+def test_transfer_head_rate_methods_train_the_head_at_ten_times_the_rate(monkeypatch):
+    seen = {}
+
+    def fake_train(model, split, *, lr, head_lr=None, **kwargs):
+        seen["rates"] = (lr, head_lr)
+        return [0.0]
+
+    monkeypatch.setattr(transfer._training, "train", fake_train)
+    task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
+    transfer.cache_pass1_features(task)
+    for method, expected in (("lora-h10", (1e-3, 1e-2)), ("toast-readout-h10", (1e-3, 1e-2)), ("toast", (1e-3, None))):
+        _, record = transfer.train_and_score(task, method, 1e-3, 0, 1, 4, None, [])
+        assert seen["rates"][0] == expected[0] and seen["rates"][1] == pytest.approx(expected[1])
+        assert record.get("head_lr") == pytest.approx(expected[1])
+
+
+def test_transfer_query_steering_diagnostic_adds_the_signal_to_the_queries_only_when_steering():
+    task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
+    steered = transfer.new_model(task, "toast-readout-qv", 0, None)
+    plain = transfer.new_model(task, "toast-readout", 0, None)
+    state = {k: torch.randn_like(v) * 0.3 if "toast_readout" in k else v for k, v in plain.state_dict().items()}
+    plain.load_state_dict(state)
+    steered.load_state_dict(
+        {k: state[k.replace(".query.", ".", 1) if k not in state else k] for k in steered.state_dict()}
+    )
+    assert sum(isinstance(m, transfer.SteeredQuery) for m in steered.modules()) == plain.config.num_hidden_layers
+    batch = task.splits["train"].batch(range(4))
+    batch.pop("labels")
+    with torch.no_grad():
+        assert not torch.allclose(steered(**batch).logits, plain(**batch).logits, atol=1e-5)
+        with steered.disable_adapter(), plain.disable_adapter():
+            torch.testing.assert_close(steered(**batch).logits, plain(**batch).logits, rtol=0, atol=0)
+    trainable = {n for n, p in steered.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in plain.named_parameters() if p.requires_grad}
+
+
 def test_transfer_top_block_methods_start_pass2_from_the_cached_hidden_state_exactly(monkeypatch):
     args = transfer.parse_args(["--tiny"])
     task = transfer.image_task("fmnist", args)
