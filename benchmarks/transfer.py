@@ -237,6 +237,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Image tasks: train on the first N images of the training split only (the same canvases as the full "
         "split; validation and test unchanged), for the few-label regime.",
     )
+    parser.add_argument(
+        "--pooled-probes",
+        action="store_true",
+        help="Image tasks: also train linear heads on [CLS, pooled patch tokens] of the cached frozen pass-1 tokens, "
+        "with mean, TOAST-gate, attention and (where the target's box is known) oracle pooling (`pooled_probes`).",
+    )
     parser.add_argument("--from-json", type=Path, nargs="+", help="Regenerate the docs from results files only.")
     parser.add_argument(
         "--assemble",
@@ -744,6 +750,85 @@ def initial_gate_shares(task: _data.Task, batch_size: int) -> dict[str, float]:
     return shares
 
 
+# ---------------------------------------------------------------------------------------------- pooled probes
+
+POOLINGS = ("mean", "gate", "attention", "target")
+
+
+class PooledProbe(torch.nn.Module):
+    """A linear head on [CLS, pooled patch tokens] of the frozen model's cached pass-1 tokens (`toast_features`): what
+    a better choice of tokens alone, without changing the backbone, can reach. Poolings: `mean` (the mean of the patch
+    tokens, as DINOv2's own head reads them), `gate` (weights = TOAST's cosine gate `clamp(cos(z, p), 0, 1)` with a
+    learned prompt `p` started from the tokens' mean direction), `attention` (a softmax over the tokens with a learned
+    query), `target` (weights = the share of each patch the target covers: an oracle, a diagnostic only)."""
+
+    def __init__(self, dim: int, num_labels: int, pooling: str, start: torch.Tensor):
+        super().__init__()
+        self.pooling = pooling
+        self.linear = torch.nn.Linear(2 * dim, num_labels)
+        self.query = torch.nn.Parameter(start.clone())
+
+    def forward(self, tokens: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        cls, patches = tokens[:, 0], tokens[:, 1:]  # (B, d), (B, N, d)
+        if self.pooling == "mean":
+            weights = torch.ones(patches.shape[:2], dtype=patches.dtype)
+        elif self.pooling == "gate":
+            weights = torch.nn.functional.cosine_similarity(patches, self.query.view(1, 1, -1), dim=-1).clamp(0, 1)
+        elif self.pooling == "attention":
+            weights = torch.softmax(patches @ self.query / patches.shape[-1] ** 0.5, dim=1)
+        else:
+            weights = target[:, 1:]
+        pooled = (patches * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)  # (B, d)
+        return self.linear(torch.cat([cls, pooled], dim=-1))
+
+
+def pooled_probes(task: _data.Task, seed: int = 0, lrs=(3e-3, 1e-2, 3e-2), steps: int = PROBE_STEPS) -> dict:
+    """For each pooling (`PooledProbe`; `target` only where the splits have target boxes): AdamW at each of `lrs` (the
+    learned query at 10x), batches of 64, `steps` steps on the cached pass-1 tokens of the training split; validation
+    accuracy per rate, and test accuracy at the rate that validates best."""
+    splits = {name: task.splits[name] for name in ("train", "val", "test")}
+    tokens = {name: split.toast_features.float() for name, split in splits.items()}  # (N, T, d)
+    dim, results = tokens["train"].shape[-1], {}
+    for pooling in POOLINGS:
+        if pooling == "target" and splits["train"].target is None:
+            continue
+        if pooling == "gate":
+            start = tokens["train"][:16].flatten(0, 1).mean(0)  # like `prompt_init="data"`: the first batch's mean
+        else:
+            start = torch.randn(dim, generator=torch.Generator().manual_seed(seed)) * 0.02
+        best, sweep = None, []
+        for lr in lrs:
+            torch.manual_seed(seed)
+            probe = PooledProbe(dim, task.num_labels, pooling, start)
+            optimizer = torch.optim.AdamW(
+                [{"params": probe.linear.parameters(), "lr": lr}, {"params": [probe.query], "lr": 10 * lr}],
+                weight_decay=0.0,
+            )
+            generator = torch.Generator().manual_seed(seed)
+            for _ in range(steps):
+                index = torch.randint(0, len(splits["train"]), (64,), generator=generator)
+                target = splits["train"].target[index] if splits["train"].target is not None else None
+                loss = torch.nn.functional.cross_entropy(
+                    probe(tokens["train"][index], target), splits["train"].labels[index]
+                )
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                scores = {
+                    name: (probe(tokens[name], splits[name].target).argmax(-1) == splits[name].labels)
+                    .float()
+                    .mean()
+                    .item()
+                    for name in ("val", "test")
+                }
+            sweep.append({"lr": lr, "val_accuracy": scores["val"]})
+            if best is None or scores["val"] > best["val_accuracy"]:
+                best = {"lr": lr, "val_accuracy": scores["val"], "test_accuracy": scores["test"]}
+        results[pooling] = {"sweep": sweep, **best}
+    return results
+
+
 # ------------------------------------------------------------------------------------------------------- main
 
 
@@ -756,6 +841,8 @@ def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, so
     if source is not None:
         adapters, entry["source_stage"] = source
     cache_pass1_features(task, args.methods)
+    if args.pooled_probes and task.kind == "image":
+        entry["pooled_probes"] = pooled_probes(task, seed=args.seeds[0])
     # The *-src methods only where a source stage ran (image tasks with --source-classes).
     methods = [method for method in args.methods if method not in SOURCE_OF or adapters is not None]
     lrs_of = {m: learning_rates(m, task) for m in methods}

@@ -351,10 +351,11 @@ def test_docs_sections_are_replaced_between_their_markers(tmp_path):
 def test_transfer_tiny_writes_complete_results_and_src_methods_start_from_the_source(tmp_path):
     output = tmp_path / "transfer.json"
     methods = ["lora", "lora-src", "toast", "toast-src", "toast-rms", "toast-top3-src"]
-    args = ["--tiny", "--threads", "1", "--tasks", "fmnist", "tweets", "--source-classes", "0", "1"]
+    args = ["--tiny", "--threads", "1", "--tasks", "fmnist", "tweets", "--source-classes", "0", "1", "--pooled-probes"]
     transfer.main([*args, "--methods", *methods, "--output", str(output)])
     results = json.loads(output.read_text())
     image, text = results["tasks"]["vision-23"], results["tasks"]["tweets"]
+    assert set(image["pooled_probes"]) == {"mean", "gate", "attention"} and "pooled_probes" not in text  # no boxes
     assert set(image["budgets"]["4"]) == {"linear", *methods}
     assert set(text["budgets"]["4"]) == {"linear", "lora", "toast", "toast-rms"}  # no source stage for text
     assert set(image["source_stage"]) >= {"lora-src", "toast-src", "toast-top3-src"}
@@ -391,6 +392,25 @@ def test_transfer_train_size_keeps_the_first_images_of_the_same_split():
     torch.testing.assert_close(few.splits["train"].pixel_values, full.splits["train"].pixel_values[:20])
     torch.testing.assert_close(few.splits["train"].labels, full.splits["train"].labels[:20])
     torch.testing.assert_close(few.splits["test"].pixel_values, full.splits["test"].pixel_values)
+
+
+def test_transfer_pooled_probe_pools_the_patch_tokens_as_each_pooling_says():
+    torch.manual_seed(0)
+    tokens, target = torch.randn(3, 6, 4), torch.rand(3, 6)  # CLS + 5 patches
+    patches, prompt = tokens[:, 1:], torch.randn(4)
+    expected = {
+        "mean": patches.mean(1),
+        "target": (patches * target[:, 1:, None]).sum(1) / target[:, 1:].sum(1, keepdim=True),
+    }
+    gate = (patches @ prompt / (patches.norm(dim=-1) * prompt.norm())).clamp(0, 1)
+    expected["gate"] = (patches * gate[..., None]).sum(1) / gate.sum(1, keepdim=True)
+    expected["attention"] = (patches * torch.softmax(patches @ prompt / 2.0, dim=1)[..., None]).sum(1)
+    for pooling, pooled in expected.items():
+        probe = transfer.PooledProbe(4, 4, pooling, prompt)
+        with torch.no_grad():
+            probe.linear.weight.copy_(torch.cat([torch.zeros(4, 4), torch.eye(4)], dim=1))  # read the pooled half
+            probe.linear.bias.zero_()
+            torch.testing.assert_close(probe(tokens, target), pooled, msg=pooling)
 
 
 def test_transfer_head_rate_methods_train_the_head_at_ten_times_the_rate(monkeypatch):
