@@ -1082,7 +1082,8 @@ def caption(task: dict, protocol: Optional[dict] = None) -> str:
     sizes = task["sizes"]
     text = (
         f"{task['model']}, {task['description']}: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test "
-        f"examples; head from the linear probe (probe lr {task['probe_lr']:g}), one learning rate for head and adapter."
+        f"examples; head from the linear probe (probe lr {task['probe_lr']:g}), one learning rate for head and adapter "
+        "(rows \"head at 10x the rate\": the head at 10x the adapter's; the best lr is the adapter's)."
     )
     if "target_patch_share" in task:
         text += (
