@@ -126,10 +126,10 @@ TOAST_CONFIGS = {
 # Prompt norms set after initialising the prompt from training images: Adam turns a prompt by about lr / |p| radians
 # per step, so the data prompt of norm sqrt(d) (~20 on DINOv2-S) barely turns in a few hundred steps at 1e-4.
 PROMPT_NORMS = {"toast-fast": 1.0}
-# The head's rate as a multiple of the adapter's (`create_toast_optimizer(head_lr=...)`): Adam moves every entry of a
-# full-rank d x d readout by about lr per step, so the value inputs move by about lr x |fed-back token|_1 (hundreds on
-# DINOv2-S) per step, and the one rate that keeps the readouts stable leaves the head (reading a d-vector once) slow.
-# LoRA gets the same multiplier, so that neither method is the only one with a second rate.
+# The head's rate as a multiple of the adapter's (`create_toast_optimizer(head_lr=...)`). The hypothesis tested (its
+# premise not measured): Adam moves every entry of a full-rank d x d readout by about lr per step, so the one rate that
+# keeps the readouts stable may leave the head slow. LoRA gets the same multiplier, so that neither method is the only
+# one with a second rate.
 HEAD_LR_RATIOS = {"toast-readout-h10": 10.0, "lora-h10": 10.0, "toast-h10": 10.0}
 # Methods whose top-down signal also enters each steered block's query projection, `Q = W_q (u + t_l)` like the
 # values: LoRA adapts the queries and TOAST does not (its author: queries and keys group tokens, which should not depend
@@ -354,10 +354,7 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
         if classes is not None:
             task.name += "-" + "".join(map(str, classes))
         if args.train_size:
-            train = task.splits["train"]
-            task.splits["train"] = CachedSplit(
-                labels=train.labels[: args.train_size], pixel_values=train.pixel_values[: args.train_size]
-            )
+            task.splits["train"] = first_examples(task.splits["train"], args.train_size)
             task.name += f"-train{args.train_size}"
         return _same_backbone_for_every_seed(task, "image")
     from transformers import AutoImageProcessor
@@ -388,9 +385,7 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
             pictures.append(canvas)
             boxes.append(box)
         labels = list(dataset["label"])
-        if (
-            name == "train" and args.train_size
-        ):  # the first N of the same (shuffled) canvases: a subset of the full set
+        if name == "train" and args.train_size:  # before the views: only these canvases get views
             pictures, boxes, labels = pictures[: args.train_size], boxes[: args.train_size], labels[: args.train_size]
         if name == "train" and args.train_views > 1:  # views 1.. of every image after all of view 0 (the original)
             view_rng = np.random.default_rng(7 + 1000 * clutter)  # its own stream: view 0 stays the canvas above
@@ -437,6 +432,12 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
     )
     task.kind = "image"
     return task
+
+
+def first_examples(split: CachedSplit, count: int) -> CachedSplit:
+    """The first `count` examples of a split not yet cached (labels, pixels, target shares)."""
+    target = None if split.target is None else split.target[:count]
+    return CachedSplit(labels=split.labels[:count], pixel_values=split.pixel_values[:count], target=target)
 
 
 def _garments(dataset, classes: Optional[list[int]]):
