@@ -114,10 +114,20 @@ def vision_task(
     )
 
 
-def text_task(model: Optional[str] = None, *, sizes: dict[str, int], max_length: int = 48, tiny: bool = False) -> Task:
-    """Binary tweet sentiment (annotator confidence >= 0.7) on SmolLM2-135M (or `model`) with a classification head."""
+def text_task(
+    model: Optional[str] = None,
+    *,
+    sizes: dict[str, int],
+    max_length: int = 48,
+    tiny: bool = False,
+    num_labels: int = 2,
+) -> Task:
+    """Tweet sentiment (annotator confidence >= 0.7) on SmolLM2-135M (or `model`) with a classification head: binary
+    (negative / positive) with `num_labels=2`, or with the neutral tweets as a third class with `num_labels=3`."""
+    if num_labels not in (2, 3):
+        raise ValueError(f"Tweet sentiment has 2 (negative / positive) or 3 classes (with neutral), not {num_labels}.")
     if tiny:
-        return _synthetic_text_task(sizes)
+        return _synthetic_text_task(sizes, num_labels)
     from transformers import AutoTokenizer
 
     from peft_toast.assets import load_tweet_sentiment
@@ -125,7 +135,7 @@ def text_task(model: Optional[str] = None, *, sizes: dict[str, int], max_length:
     path = text_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    corpus = load_tweet_sentiment(binary=True, min_confidence=0.7, seed=0)
+    corpus = load_tweet_sentiment(binary=num_labels == 2, min_confidence=0.7, seed=0)
     parts = _stratified(corpus["train"], sizes["train"] + sizes["val"], seed=0).train_test_split(
         test_size=sizes["val"], stratify_by_column="label", seed=0
     )
@@ -140,10 +150,10 @@ def text_task(model: Optional[str] = None, *, sizes: dict[str, int], max_length:
     }
     return Task(
         name="text",
-        description=f"tweet sentiment (binary, confidence >= 0.7), <= {max_length} tokens",
+        description=f"tweet sentiment ({'binary' if num_labels == 2 else '3 classes'}, confidence >= 0.7), <= {max_length} tokens",
         model_name=model or "SmolLM2-135M-Instruct (offline)",
-        num_labels=2,
-        new_model=lambda: load_text_classifier(path, 2, pad_token_id),
+        num_labels=num_labels,
+        new_model=lambda: load_text_classifier(path, num_labels, pad_token_id),
         splits=splits,
     )
 
@@ -167,27 +177,27 @@ def _synthetic_vision_task(sizes: dict[str, int], num_labels: int = 4, image_siz
     )
 
 
-def _synthetic_text_task(sizes: dict[str, int]) -> Task:
-    """Random token sequences; class 1 contains token 3 somewhere, class 0 never does."""
+def _synthetic_text_task(sizes: dict[str, int], num_labels: int = 2) -> Task:
+    """Random token sequences; class 1 contains token 3 somewhere, class 2 token 2, class 0 neither."""
     generator = torch.Generator().manual_seed(0)
     vocab = _tiny_llama_config().vocab_size
     splits = {}
     for name, size in sizes.items():
-        labels = torch.arange(size) % 2
+        labels = torch.arange(size) % num_labels
         rows = []
         for label in labels.tolist():
             length = int(torch.randint(4, 12, (1,), generator=generator))
             ids = torch.randint(4, vocab, (length,), generator=generator)
             if label:
-                ids[int(torch.randint(0, length, (1,), generator=generator))] = 3
+                ids[int(torch.randint(0, length, (1,), generator=generator))] = 4 - label
             rows.append(ids.tolist())
         splits[name] = Split(labels=labels, input_ids=rows, pad_token_id=0)
     return Task(
         name="text",
         description="synthetic token sequences (tiny)",
         model_name="tiny random Llama",
-        num_labels=2,
-        new_model=lambda: load_text_classifier(None, 2, 0, tiny=True),
+        num_labels=num_labels,
+        new_model=lambda: load_text_classifier(None, num_labels, 0, tiny=True),
         splits=splits,
     )
 

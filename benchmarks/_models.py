@@ -34,6 +34,10 @@ TOAST_CONFIGS = {
     "toast-top4": {"layers_to_transform": [-4, -3, -2, -1]},  # full rank on the top 4 blocks
 }
 LORA_RANK = 8
+# LoRA's variants: (rank, target modules). "lora-all-r32" adapts every linear projection of the attention and the MLP
+# (PEFT's "all-linear", which leaves the task head to `modules_to_save`) at rank 32: on SmolLM2-135M that is 9.77M
+# parameters, the budget of full-rank TOAST with frozen down-maps (9.95M), so the two compare at equal size.
+LORA_VARIANTS = {"lora": (LORA_RANK, None), "lora-all-r32": (32, "all-linear")}
 
 # Heads of the classification models; they train with every method.
 HEAD_NAMES = ("classifier", "score")
@@ -119,6 +123,7 @@ def apply_method(model: nn.Module, method: str) -> nn.Module:
 
     - `toast`, `toast-r8`: `get_peft_model` with the matching `ToastConfig` (the head trains by default);
     - `lora`: PEFT LoRA, rank 8, alpha 16, no dropout, on the query and value projections, plus the head;
+    - `lora-all-r32`: the same at rank 32, alpha 64, on every linear projection of the blocks, plus the head;
     - `linear`: only the head (a linear probe on the frozen backbone);
     - `full`: every parameter.
     """
@@ -126,12 +131,13 @@ def apply_method(model: nn.Module, method: str) -> nn.Module:
     if method in TOAST_CONFIGS:
         task_type = "CAUSAL_LM" if _is_causal_lm(model) else None
         return get_peft_model(model, ToastConfig(task_type=task_type, **TOAST_CONFIGS[method]))
-    if method == "lora":
+    if method in LORA_VARIANTS:
+        rank, targets = LORA_VARIANTS[method]
         config = LoraConfig(
-            r=LORA_RANK,
-            lora_alpha=2 * LORA_RANK,
+            r=rank,
+            lora_alpha=2 * rank,
             lora_dropout=0.0,
-            target_modules=_lora_targets(model),
+            target_modules=targets or _lora_targets(model),
             modules_to_save=heads or None,
             task_type="CAUSAL_LM" if _is_causal_lm(model) else None,
         )
