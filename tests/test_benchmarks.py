@@ -445,6 +445,42 @@ def test_transfer_rank8_decoder_recipe_trains_only_rank8_readouts_the_prompt_and
     assert model.peft_config["default"].feature_norm == "rms"
 
 
+def test_transfer_lora_all_r32_adapts_every_linear_projection_of_every_block_at_rank_32():
+    task = transfer.text_task(transfer.parse_args(["--tiny"]))
+    base = task.new_model()
+    model = transfer.new_model(task, "lora-all-r32", 0, None)
+    # Independently: every nn.Linear inside the blocks of the base model, each with A (32 x in) and B (out x 32).
+    linears = {name: m for name, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name}
+    assert {name.rsplit(".", 1)[-1] for name in linears} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    }  # fmt: skip
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    lora = {name: size for name, size in trainable.items() if ".lora_" in name}
+    head = {name: size for name, size in trainable.items() if ".modules_to_save." in name}
+    assert set(trainable) == set(lora) | set(head)
+    assert sum(head.values()) == task.num_labels * base.config.hidden_size
+    assert sum(lora.values()) == sum(32 * (m.in_features + m.out_features) for m in linears.values())
+    adapted = {name.split(".lora_")[0].removeprefix("base_model.model.") for name in lora}
+    assert adapted == set(linears)
+    assert model.peft_config["default"].lora_alpha == 64
+
+
+def test_transfer_three_class_tweets_run_end_to_end_with_a_three_way_head(tmp_path):
+    args = transfer.parse_args(["--tiny", "--tasks", "tweets3"])
+    task = transfer.text_task(args, "tweets3")
+    assert task.name == "tweets3" and task.num_labels == 3
+    split = task.splits["train"]
+    assert set(split.labels.tolist()) == {0, 1, 2}
+    for label, ids in zip(split.labels.tolist(), split.input_ids):
+        assert (3 in ids) == (label == 1) and (2 in ids) == (label == 2)  # each class its own marker token
+    assert transfer.new_model(task, "toast-rms-readout", 0, None).config.num_labels == 3
+    output = tmp_path / "tweets3.json"
+    transfer.main(["--tiny", "--threads", "1", "--tasks", "tweets3", "--methods", "lora", "--output", str(output)])
+    record = json.loads(output.read_text())["tasks"]["tweets3"]["budgets"]["4"]
+    assert set(record) == {"linear", "lora"}
+    assert [run["lr"] for run in record["lora"]["sweep"]] == list(transfer.LEARNING_RATES["lora"])
+
+
 def test_transfer_query_steering_diagnostic_adds_the_signal_to_the_queries_only_when_steering():
     task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
     steered = transfer.new_model(task, "toast-readout-qv", 0, None)
