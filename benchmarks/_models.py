@@ -153,7 +153,8 @@ def apply_method(model: nn.Module, method: str) -> nn.Module:
         return model.requires_grad_(True)
     if method == "base":
         return model.requires_grad_(False)
-    raise ValueError(f"Unknown method {method!r}; choose from {', '.join(METHODS + ('base',))}.")
+    choices = dict.fromkeys((*METHODS, *LORA_VARIANTS, "base"))
+    raise ValueError(f"Unknown method {method!r}; choose from {', '.join(choices)}.")
 
 
 def _is_causal_lm(model: nn.Module) -> bool:

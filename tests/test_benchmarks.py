@@ -465,6 +465,14 @@ def test_transfer_lora_all_r32_adapts_every_linear_projection_of_every_block_at_
     assert model.peft_config["default"].lora_alpha == 64
 
 
+def test_apply_method_names_every_method_it_builds_when_the_method_is_unknown():
+    with pytest.raises(ValueError, match="'lora-rank-32'") as error:
+        _models.apply_method(torch.nn.Linear(2, 2), "lora-rank-32")
+    assert all(method in str(error.value) for method in (*_models.METHODS, *_models.LORA_VARIANTS))
+    with pytest.raises(ValueError, match="Tweet sentiment has 2 .* or 3 classes"):
+        _data.text_task(sizes={"train": 4}, tiny=True, num_labels=4)
+
+
 def test_transfer_three_class_tweets_run_end_to_end_with_a_three_way_head(tmp_path):
     args = transfer.parse_args(["--tiny", "--tasks", "tweets3"])
     task = transfer.text_task(args, "tweets3")
