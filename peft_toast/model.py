@@ -33,7 +33,7 @@ from .layer import (
 )
 from .passes import FEATURES_ARGUMENT, steered_call
 from .state import CallState, checkpoint_with_signals, current_state, pop_state, push_state
-from .upstream import wrap_block_checkpointing
+from .upstream import keep_4bit_weights_differentiable, wrap_block_checkpointing
 
 # Heads of transformers' classification models: trained and saved by default, as PEFT's SEQ_CLS task type does.
 CLASSIFICATION_HEAD_NAMES = ("classifier", "score")
@@ -105,6 +105,7 @@ class ToastModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: ToastConfig, model_config: dict) -> ToastConfig:
         architecture = resolve_architecture(self.model, peft_config.target_modules)
         self._toast_architecture = architecture
+        keep_4bit_weights_differentiable(self.model)
         if architecture.architecture.note:
             logger.info("TOAST on %s: %s", type(self.model).__name__, architecture.architecture.note)
         num_blocks = len(architecture.blocks)

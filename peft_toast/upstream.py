@@ -12,6 +12,7 @@ naming the internal whenever one of them moves. Nothing in this module imports t
 | `wrap_block_checkpointing` | a block's `_gradient_checkpointing_func` (transformers' `GradientCheckpointingLayer`) | recomputation must see the call's signals |
 | `ToastModel` overrides | `BaseTuner` private methods listed in `BASE_TUNER_OVERRIDES` | the tuner's lifecycle hooks |
 | `ToastModel._enable_peft_forward_hooks` | `PeftModel` calls it on a tuner that has it (`PEFT_MODEL_TUNER_HOOKS`) | refuse `adapter_names=` |
+| `keep_4bit_weights_differentiable` | bitsandbytes' `Linear4bit.support_avx512bf16_for_cpu`, `QuantState.packing_format_for_cpu` | a repacked 4-bit weight passes no gradient |
 """  # noqa: E501  (a table)
 
 from __future__ import annotations
@@ -162,3 +163,27 @@ def wrap_block_checkpointing(blocks: Iterable, wrapper: Callable[[Callable], Cal
         function = getattr(block, "_gradient_checkpointing_func", None)
         if function is not None and getattr(block, "gradient_checkpointing", False):
             block._gradient_checkpointing_func = wrapper(function)
+
+
+def keep_4bit_weights_differentiable(model) -> int:
+    """Keep bitsandbytes' 4-bit layers of `model` on their differentiable fp32 path; returns how many were switched.
+
+    bitsandbytes 0.50.2, on a CPU with AVX512-BF16, repacks a `Linear4bit` weight at its first inference call
+    (eval mode, no gradient) and from then on multiplies bf16 activations with a kernel that has no backward: training
+    after any evaluation then passes no gradient through the layer, so TOAST's signals, which enter the value
+    projections, would silently stop training. Turning the repacking off keeps the numbers of the dequantised weights
+    (as on every other CPU and version); a weight repacked already cannot be used and is refused with the fix.
+    """
+    switched = 0
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError(
+                f"The 4-bit weight of `{name}` was repacked by bitsandbytes for CPU inference (an eval-mode call ran "
+                f"before the TOAST adapter was added); in that layout it passes no gradient, so the adapter would not "
+                f"train. Load the base model again and add the adapter before running it."
+            )
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched

@@ -63,7 +63,7 @@ def make_gpt2(**overrides):
 
 
 def _decoder_config(cls, **overrides):
-    return cls(
+    defaults = dict(
         hidden_size=HIDDEN,
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
@@ -73,8 +73,8 @@ def _decoder_config(cls, **overrides):
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
-        **overrides,
     )
+    return cls(**{**defaults, **overrides})
 
 
 def make_llama(**overrides):

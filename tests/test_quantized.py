@@ -29,7 +29,9 @@ except ImportError:
 needs_bnb = pytest.mark.skipif(bnb is None, reason="bitsandbytes is not installed")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=99)
+# Every input width a multiple of 64: bitsandbytes 0.50.2 dequantises 4-bit weights on CPU in blocks of 64 along the
+# input and fails on a narrower or ragged one ("shape '[64, 1]' is invalid for input of size 96").
+_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=99)
 _INPUTS = {"input_ids": torch.tensor([[5, 9, 3, 17, 42, 8], [7, 7, 21, 4, 60, 2]])}
 
 
@@ -105,7 +107,7 @@ def test_outputs_equal_the_dequantised_model_with_the_same_adapter(llama_dir, ki
             base_error = (unsteered - expected_model(**_INPUTS).logits).abs().max().item()
     if kind == "8bit":  # int8 activations: within twice the error the quantized base model itself has
         tolerance = max(2 * base_error, 1e-3)
-    else:  # 4-bit on CPU dequantises and multiplies in fp32: the same numbers
+    else:  # 4-bit on CPU dequantises and multiplies in fp32 (see `_quantized`): the same numbers
         tolerance = 1e-5
     torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
     assert (got - unsteered).abs().max() > 10 * tolerance, "the adapter must change the output for the check to mean"
@@ -149,7 +151,7 @@ def test_a_fused_quantized_projection_is_refused_and_the_fix_works(tmp_path):
     the error names the fix (keep those projections in full precision), which then works."""
     torch.manual_seed(0)
     config = transformers.Phi3Config(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, num_hidden_layers=2,
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_hidden_layers=2,
         vocab_size=99, pad_token_id=0,
     )  # fmt: skip
     transformers.Phi3ForCausalLM(config).save_pretrained(tmp_path)
@@ -284,7 +286,7 @@ def test_torchao_fused_projection_uses_its_dequantised_value_rows(torchao, tmp_p
     (TOAST never multiplies with the int8 data itself)."""
     torch.manual_seed(0)
     config = transformers.Phi3Config(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, num_hidden_layers=2,
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_hidden_layers=2,
         vocab_size=99, pad_token_id=0,
     )  # fmt: skip
     transformers.Phi3ForCausalLM(config).save_pretrained(tmp_path)
@@ -332,3 +334,32 @@ def test_a_torchao_weight_whose_product_fails_is_refused(torchao, llama_dir, mon
     monkeypatch.setattr(torch.nn.functional, "linear", unsupported)
     with pytest.raises(ValueError, match="does not run on cpu.*no kernel.*IntxWeightOnlyConfig"):
         get_peft_model(model, ToastConfig(task_type="CAUSAL_LM"))
+
+
+@needs_bnb
+def test_a_4bit_base_keeps_passing_gradients_after_an_evaluation(llama_dir):
+    """bitsandbytes 0.50.2 repacks 4-bit weights for bf16 CPU inference at the first eval call (on CPUs with
+    AVX512-BF16), after which they pass no gradient. The adapter keeps them on the differentiable path: training after
+    an evaluation gets the gradients of training without one; a base repacked before the adapter was added is refused."""
+    ids = torch.tensor([[5, 9, 3, 17, 42, 8]])
+    grads = []
+    for evaluate_first in (False, True):
+        model = get_peft_model(_quantized(llama_dir, "nf4-single"), ToastConfig(task_type="CAUSAL_LM"))
+        randomize_adapter(model)
+        if evaluate_first:
+            with torch.no_grad():
+                model.eval()(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    assert grads[0] and all(grad is not None for grad in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0)
+
+    base = _quantized(llama_dir, "nf4-single")
+    if not any(getattr(module, "support_avx512bf16_for_cpu", False) for module in base.modules()):
+        pytest.skip("this CPU or bitsandbytes version does not repack 4-bit weights for inference")
+    with torch.no_grad():
+        base(input_ids=ids)  # eval mode: repacked
+    with pytest.raises(ValueError, match="repacked by bitsandbytes for CPU inference"):
+        get_peft_model(base, ToastConfig(task_type="CAUSAL_LM"))

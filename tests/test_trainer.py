@@ -299,7 +299,20 @@ def test_causal_lm_gradient_checkpointing_gives_the_same_adapter(
     assert_same_adapter(tmp_path / "plain" / "adapter", tmp_path / "checkpointed" / "adapter", atol=1e-6)
 
 
-def test_causal_lm_on_a_4bit_base_trains_and_saves_only_the_adapter(tmp_path, tiny_llama_dir, tiny_text_dataset_dir):
+@pytest.fixture(scope="session")
+def tiny_llama_4bit_dir(tmp_path_factory) -> str:
+    """The tiny LLaMA with every input width a multiple of 64, as bitsandbytes' CPU 4-bit dequantisation needs (0.50.2
+    fails on the 32-wide one)."""
+    folder = tmp_path_factory.mktemp("tiny-llama-4bit")
+    torch.manual_seed(0)
+    make_llama(hidden_size=64, intermediate_size=128).save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_causal_lm_on_a_4bit_base_trains_and_saves_only_the_adapter(
+    tmp_path, tiny_llama_4bit_dir, tiny_text_dataset_dir
+):
     """QLoRA-style (`--load-in-4bit`): an NF4 base with double quantisation; the adapter trains, stays fp32, and the
     saved file holds it alone and reloads onto a fresh 4-bit base with the same outputs."""
     pytest.importorskip("bitsandbytes")
@@ -307,7 +320,7 @@ def test_causal_lm_on_a_4bit_base_trains_and_saves_only_the_adapter(tmp_path, ti
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     options = {"max_steps": 2, "save_steps": 100, "output_dir": tmp_path}
-    train_causal_lm.main(text_args(tiny_llama_dir, tiny_text_dataset_dir, **options) + ["--load-in-4bit"])
+    train_causal_lm.main(text_args(tiny_llama_4bit_dir, tiny_text_dataset_dir, **options) + ["--load-in-4bit"])
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert saved and all("toast_" in key and tensor.dtype == torch.float32 for key, tensor in saved.items())
     assert any(tensor.abs().max() > 0 for key, tensor in saved.items() if "toast_readout" in key)  # it trained
@@ -317,7 +330,7 @@ def test_causal_lm_on_a_4bit_base_trains_and_saves_only_the_adapter(tmp_path, ti
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quantization)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_4bit_dir, quantization_config=quantization)
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     for key, tensor in loaded.state_dict().items():
         if "toast_" in key:
