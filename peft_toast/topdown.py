@@ -38,8 +38,9 @@ def token_selection(
 def rms_normalise(features: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Each token divided by its root mean square over channels (no gain), `(B, N, d) -> (B, N, d)`; zero tokens stay
     zero. The cosine gates of `token_selection` do not change (a positive per-token scale cancels)."""
-    rms = features.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(eps)  # (B, N, 1)
-    return features / rms
+    # In float32: a decoder's pre-norm feature (values in the hundreds) squared overflows float16.
+    rms = features.float().pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(eps)  # (B, N, 1)
+    return (features.float() / rms).to(features.dtype)
 
 
 def unit_token_sum(features: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, eps: float = 1e-6):
