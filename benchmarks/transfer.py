@@ -55,6 +55,7 @@ from PIL import Image
 
 from peft_toast import ToastConfig
 from peft_toast.cli import script_parser
+from peft_toast.config import LEGACY_DEFAULTS
 from peft_toast.state import CallState, current_signal
 
 METHODS = (
@@ -561,7 +562,10 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
     if head is not None:
         _models.model_head(model).load_state_dict(head)
     if method in TOAST_CONFIGS:
-        config = dict(TOAST_CONFIGS[method])
+        # Every method keeps the meaning it had when its results were measured: the settings a method does not name
+        # are those of peft-toast 0.2 (`feature_norm="none"`, `train_down=True`), not the decoder defaults of 0.3
+        # ("auto": on the tweets, `toast` is now the library's default only as `toast-rms-readout`).
+        config = {**LEGACY_DEFAULTS, **TOAST_CONFIGS[method]}
         if "layers_to_transform" in config:  # the tiny models have fewer blocks than "top 6"
             depth = model.config.num_hidden_layers
             config["layers_to_transform"] = [index for index in config["layers_to_transform"] if index >= -depth]

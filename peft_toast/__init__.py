@@ -34,4 +34,4 @@ __all__ = [
     "toast_parameter_groups",
 ]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -16,7 +16,7 @@ CHANNEL_SELECTION_CHOICES = ("identity", "full", "low_rank")
 DOWN_INIT_CHOICES = ("identity", "reference")
 READOUT_INIT_CHOICES = ("zero", "reference")
 PROMPT_INIT_CHOICES = ("data", "random")
-FEATURE_NORM_CHOICES = ("none", "rms")
+FEATURE_NORM_CHOICES = ("auto", "none", "rms")
 
 
 @dataclass
@@ -48,9 +48,12 @@ class ToastConfig(PeftConfig):
         lite_rank (`int`, *optional*):
             TOAST-Lite: keep full-rank down-maps and readouts frozen (identity/zero, or calibrated/pre-tuned values) and
             train rank-`lite_rank` deltas on them. Mutually exclusive with `feedback_rank`.
-        train_down (`bool`):
-            Whether the down-maps `A_l` (or their deltas) train. The reference trains them for vision and freezes them
-            after pre-tuning for LLaMA.
+        train_down (`bool`, *optional*):
+            Whether the down-maps `A_l` (or their deltas) train. `None` (default) decides when the adapter is created:
+            `False` on a decoder LM (causal attention) unless `variational_loss_weight > 0` (pre-tuning), `True`
+            otherwise -- as the reference, which trains them for vision and freezes them for LLaMA's transfer, and as
+            measured here (docs/benchmarks.md: frozen down-maps lead on both SmolLM2 tweet tasks). The value decided is
+            stored in the config, so a saved adapter records it.
         train_readout (`bool`):
             Whether the readouts `C_l` (or their deltas) train.
         train_prompt (`bool`):
@@ -77,11 +80,14 @@ class ToastConfig(PeftConfig):
             exactly zero gradient forever. A prompt that was saved or loaded is never replaced. `"random"`: standard
             normal, as the reference (the path may start closed).
         feature_norm (`str`):
-            How the pass-1 tokens are scaled before they are fed back. `"none"` (default, as the reference) feeds the
-            feature as it is. `"rms"` divides each token by its root mean square (no gain), so the fed-back signal is
-            scale-free: a decoder's pre-norm feature (token norms ~1,000 on SmolLM2, vs ~1-10 at the value inputs) then
-            enters at the scale of a ViT's normalised feature. The gates are unchanged (the cosine ignores each token's
-            scale).
+            How the pass-1 tokens are scaled before they are fed back. `"none"` (as the reference) feeds the feature as
+            it is. `"rms"` divides each token by its root mean square (no gain), so the fed-back signal is scale-free: a
+            decoder's pre-norm feature (token norms ~1,000 on SmolLM2, vs ~1-10 at the value inputs) then enters at the
+            scale of a ViT's normalised feature. The gates are unchanged (the cosine ignores each token's scale).
+            `"auto"` (default) decides when the adapter is created: `"rms"` on a decoder LM (causal attention, whose
+            feature is the last block's output before the final norm), `"none"` on every other model (whose feature
+            is already normalised). The value decided is stored in the config; adapter files written before `"auto"`
+            existed (no `feature_norm` or `train_down` field) load with `"none"` and `True`, as they were trained.
         share_lower_blocks (`bool`):
             `True` (default): pass 2 starts at the lowest steered block. The blocks below it receive no signal, so their
             pass-2 outputs equal pass 1's; pass 2 takes the hidden state entering the lowest steered block from pass 1
@@ -136,7 +142,13 @@ class ToastConfig(PeftConfig):
         default=None,
         metadata={"help": "TOAST-Lite: frozen full-rank feedback maps plus trainable deltas of this rank."},
     )
-    train_down: bool = field(default=True, metadata={"help": "Whether the down-maps A_l (or their deltas) train."})
+    train_down: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Whether the down-maps A_l (or their deltas) train; None = False on a decoder LM in transfer "
+            "(variational_loss_weight 0), True otherwise."
+        },
+    )
     train_readout: bool = field(default=True, metadata={"help": "Whether the readouts C_l (or their deltas) train."})
     train_prompt: bool = field(default=True, metadata={"help": "Whether the token-selection prompt trains."})
     channel_selection: str = field(
@@ -158,8 +170,11 @@ class ToastConfig(PeftConfig):
         },
     )
     feature_norm: str = field(
-        default="none",
-        metadata={"help": "Scaling of the fed-back pass-1 tokens: 'none' (as the reference) or 'rms' (scale-free)."},
+        default="auto",
+        metadata={
+            "help": "Scaling of the fed-back pass-1 tokens: 'none' (as the reference), 'rms' (scale-free) or 'auto' "
+            "('rms' on a decoder LM, 'none' otherwise)."
+        },
     )
     share_lower_blocks: bool = field(
         default=True,
@@ -233,7 +248,12 @@ class ToastConfig(PeftConfig):
                 "`feedback_rank` and `lite_rank` are mutually exclusive: low-rank feedback factors the maps, "
                 "TOAST-Lite keeps them full-rank and frozen with low-rank deltas. Set only one of them."
             )
-        for name in ("train_down", "train_readout", "train_prompt", "share_lower_blocks"):
+        if self.train_down is not None and not isinstance(self.train_down, bool):
+            raise ValueError(
+                f"`train_down` must be True, False or None (decided by the model: False on a decoder LM in transfer), "
+                f"got {self.train_down!r}."
+            )
+        for name in ("train_readout", "train_prompt", "share_lower_blocks"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         _check_choice("channel_selection", self.channel_selection, CHANNEL_SELECTION_CHOICES)
@@ -299,6 +319,28 @@ class ToastConfig(PeftConfig):
                 f"got {self.base_model_dims!r}. It is recorded automatically; remove it from adapter_config.json "
                 f"rather than editing it."
             )
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        # A config read from a file (`from_pretrained`): files written before `feature_norm="auto"` and
+        # `train_down=None` existed lack these fields, and their adapters were trained with the old defaults.
+        kwargs = super().check_kwargs(**kwargs)
+        for name, value in LEGACY_DEFAULTS.items():
+            kwargs.setdefault(name, value)
+        return kwargs
+
+    def resolve_automatic(self, causal: bool) -> None:
+        """Replace the automatic settings (`feature_norm="auto"`, `train_down=None`) in place by what they mean for a
+        model whose attention is causal (`causal=True`: a decoder LM) or not. Called when the adapter is created, so
+        the saved config records the values the adapter was trained with."""
+        if self.feature_norm == "auto":
+            self.feature_norm = "rms" if causal else "none"
+        if self.train_down is None:
+            self.train_down = not causal or self.variational_loss_weight > 0
+
+
+# The values that `ToastConfig` fields added with an automatic default had before: what a file without them means.
+LEGACY_DEFAULTS = {"feature_norm": "none", "train_down": True}
 
 
 def _is_int(value) -> bool:

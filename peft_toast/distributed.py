@@ -104,7 +104,10 @@ def fully_shard_frozen_base(model: nn.Module, **fully_shard_kwargs) -> nn.Module
             f"`fully_shard_frozen_base` takes a PeftModel with a TOAST adapter, got {type(model).__name__}. "
             f"Create it with `get_peft_model(base, ToastConfig())` first."
         )
-    ignored = adapter_parameters(model) | set(fully_shard_kwargs.pop("ignored_params", ()))
+    # The trainable parameters, and every TOAST tensor, frozen ones too (a decoder's frozen down-maps, TOAST-Lite's
+    # frozen maps): the top-down path reads them outside the blocks, where a shard would meet whole activations.
+    toast = {parameter for name, parameter in model.named_parameters() if "toast_" in name}
+    ignored = adapter_parameters(model) | toast | set(fully_shard_kwargs.pop("ignored_params", ()))
     for block in architecture.blocks:
         fully_shard(block, ignored_params=ignored, **fully_shard_kwargs)
     fully_shard(tuner.model, ignored_params=ignored, **fully_shard_kwargs)

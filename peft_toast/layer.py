@@ -87,7 +87,11 @@ class ToastLayer(nn.Module, BaseTunerLayer):
             )
         frozen = tuple(
             name
-            for name, trains in (("toast_down", config.train_down), ("toast_readout", config.train_readout))
+            # `train_down=None` is decided by the model when it creates the adapter; a layer updated on its own trains.
+            for name, trains in (
+                ("toast_down", config.train_down is not False),
+                ("toast_readout", config.train_readout),
+            )
             if not trains
         )
         if frozen:

@@ -326,20 +326,24 @@ def load_initialisation(
         fresh_prompt: start from a newly initialised prompt instead of the saved one.
         fresh_readout: start from newly initialised readouts (`readout_init`, zero by default: the new task then starts
             exactly at the frozen model's function) instead of the saved ones.
-        **config_overrides: `ToastConfig` fields to change, e.g. `train_down=False` to freeze the calibrated down-maps,
-            `lite_rank=4` to turn saved full-rank maps into TOAST-Lite's frozen maps, `layers_to_transform`. The
-            saved `variational_loss_weight` of a pre-tuned adapter is reset to 0 unless given here.
+        **config_overrides: `ToastConfig` fields to change, e.g. `train_down=False` to freeze the calibrated down-maps
+            of an encoder, `lite_rank=4` to turn saved full-rank maps into TOAST-Lite's frozen maps,
+            `layers_to_transform`. The saved `variational_loss_weight` of a pre-tuned adapter is reset to 0, and
+            `train_down` to `None` (decided for the transfer: frozen on a decoder LM, trained otherwise), unless given
+            here. The saved `feature_norm` is kept: the saved maps were made for it.
 
     Returns:
         A `PeftModel` whose TOAST adapter trains.
     """
     saved_config = ToastConfig.from_pretrained(adapter_dir)
-    # A new task is transfer: no variational loss unless asked for (pre-tuning used it).
+    # A new task is transfer: no variational loss unless asked for (pre-tuning used it), and whether the down-maps
+    # train is decided again for it (`train_down=None`: frozen on a decoder LM, as the reference's LLaMA transfer).
     overrides = {
         "inference_mode": False,
         "auto_mapping": None,
         "base_model_name_or_path": None,
         "variational_loss_weight": 0.0,
+        "train_down": None,
     }
     if new_head:
         overrides["modules_to_save"] = None

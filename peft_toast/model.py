@@ -105,6 +105,7 @@ class ToastModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: ToastConfig, model_config: dict) -> ToastConfig:
         architecture = resolve_architecture(self.model, peft_config.target_modules)
         self._toast_architecture = architecture
+        peft_config.resolve_automatic(causal=architecture.causal)
         keep_4bit_weights_differentiable(self.model)
         if architecture.architecture.note:
             logger.info("TOAST on %s: %s", type(self.model).__name__, architecture.architecture.note)

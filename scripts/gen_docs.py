@@ -104,12 +104,16 @@ def configuration_md() -> str:
         "`ToastConfig` holds every setting of a TOAST adapter. It is a PEFT config: it is saved as "
         "`adapter_config.json` next to the adapter and validated when it is created, so a wrong value fails at once "
         "with a message that names the argument. The defaults work on every supported architecture and start training "
-        "exactly at the frozen model's function.",
+        "exactly at the frozen model's function. Two of them are decided by the model when the adapter is created: on "
+        'a decoder LM (causal attention) `feature_norm="auto"` feeds the pre-norm feature back scale-free (`"rms"`) '
+        "and `train_down=None` freezes the down-maps in transfer, the recipe that led LoRA on both SmolLM2 tweet tasks "
+        '([benchmarks.md](benchmarks.md)); on every other model they mean the reference\'s `"none"` and `True`. The '
+        "saved `adapter_config.json` records the values decided.",
         "",
         "```python",
         "from peft_toast import ToastConfig",
         "",
-        "config = ToastConfig()  # the reference method: full-rank feedback on every block, zero readouts",
+        "config = ToastConfig()  # full-rank feedback on every block, zero readouts",
         "low_rank = ToastConfig(feedback_rank=16, layers_to_transform=[-4, -3, -2, -1])  # top 4 blocks, rank 16",
         'lite = ToastConfig(lite_rank=4, channel_selection="full")  # TOAST-Lite',
         'for_llama = ToastConfig(task_type="CAUSAL_LM")',

@@ -17,6 +17,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from peft import get_peft_model
+
+from peft_toast import ToastConfig
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -443,6 +446,24 @@ def test_transfer_rank8_decoder_recipe_trains_only_rank8_readouts_the_prompt_and
     assert sum(trainable.values()) - sum(head.values()) == blocks * 2 * 8 * width + width
     assert not any("toast_down" in name for name in trainable)
     assert model.peft_config["default"].feature_norm == "rms"
+
+
+def test_transfer_methods_keep_their_measured_settings_under_the_decoder_defaults():
+    """On a decoder, `ToastConfig()` now means `feature_norm="rms"`, `train_down=False`; the benchmark's methods keep
+    the settings their results were measured with, and `toast-rms-readout` is the library's decoder default."""
+    task = transfer.text_task(transfer.parse_args(["--tiny"]))
+    settings = {
+        method: transfer.new_model(task, method, 0, None).peft_config["default"]
+        for method in ("toast", "toast-rms", "toast-readout", "toast-rms-readout")
+    }
+    assert {method: (c.feature_norm, c.train_down) for method, c in settings.items()} == {
+        "toast": ("none", True),
+        "toast-rms": ("rms", True),
+        "toast-readout": ("none", False),
+        "toast-rms-readout": ("rms", False),
+    }
+    default = get_peft_model(task.new_model(), ToastConfig()).peft_config["default"]
+    assert (default.feature_norm, default.train_down) == ("rms", False)
 
 
 def test_transfer_lora_all_r32_adapts_every_linear_projection_of_every_block_at_rank_32():

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_inputs, make_vit, randomize_adapter
+from conftest import make_bert, make_gpt2, make_inputs, make_llama, make_vit, randomize_adapter
 from peft import PeftConfig, PeftModel, get_peft_model
 
 from peft_toast import ToastConfig
@@ -23,7 +23,7 @@ INVALID = {
     "layers_to_transform": ["0", 1.5, [], [0, 0], [True], [0.5]],
     "feedback_rank": [0, -1, 1.5, "4", True],
     "lite_rank": [0, "2", False],
-    "train_down": ["yes", 1, None],
+    "train_down": ["yes", 1, 0],
     "train_readout": ["no", 0],
     "train_prompt": [None, "True"],
     "share_lower_blocks": [None, "yes", 1],
@@ -51,6 +51,7 @@ VALID = [
     {"train_readout": False, "train_prompt": False},
     {"variational_loss_weight": 0.1, "cosine_eps": 1e-4, "feedback_dropout": 0.1},
     {"prompt_init": "random", "feature_norm": "rms"},
+    {"feature_norm": "none", "train_down": True},
     {"pretuned_on": "fashion-mnist classes 0-4, 500 steps"},
     {"target_modules": r".*\.v_proj"},
     {"target_modules": ["v_proj", "value", "v_proj"]},
@@ -138,3 +139,61 @@ def test_unknown_fields_warn_and_the_adapter_keeps_working(tmp_path):
     inputs = make_inputs("vit")
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+# ------------------------------------------------------------------------------------- automatic defaults
+
+
+@pytest.mark.parametrize(
+    "make, fields, expected",
+    [
+        (make_vit, {}, ("none", True)),
+        (make_bert, {}, ("none", True)),
+        (make_llama, {}, ("rms", False)),
+        (make_gpt2, {}, ("rms", False)),
+        (make_llama, {"variational_loss_weight": 0.01}, ("rms", True)),  # pre-tuning trains the down-maps
+        (make_llama, {"feature_norm": "none", "train_down": True}, ("none", True)),  # explicit values are kept
+        (make_vit, {"feature_norm": "rms", "train_down": False}, ("rms", False)),
+    ],
+    ids=["vit", "bert", "llama", "gpt2", "llama-pretuning", "llama-explicit", "vit-explicit"],
+)
+def test_automatic_defaults_are_decided_by_the_model_and_saved(make, fields, expected, tmp_path):
+    config = ToastConfig(**fields)
+    if not fields:
+        assert (config.feature_norm, config.train_down) == ("auto", None)
+    model = get_peft_model(make(), config)
+    resolved = model.peft_config["default"]
+    assert (resolved.feature_norm, resolved.train_down) == expected
+    down = [parameter for name, parameter in model.named_parameters() if "toast_down" in name]
+    assert down and all(parameter.requires_grad == expected[1] for parameter in down)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (saved["feature_norm"], saved["train_down"]) == expected
+
+
+def test_files_without_the_automatic_fields_load_as_they_were_trained(tmp_path):
+    """An adapter file written before `feature_norm="auto"` / `train_down=None` has neither field; it was trained with
+    `"none"` and `True`, and must load with them (not with what "auto" would decide for a decoder)."""
+    base = make_llama()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, ToastConfig(task_type="CAUSAL_LM", feature_norm="none", train_down=True))
+    randomize_adapter(model)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    del data["feature_norm"], data["train_down"]
+    path.write_text(json.dumps(data))
+
+    assert (
+        ToastConfig.from_pretrained(str(tmp_path)).feature_norm,
+        ToastConfig.from_pretrained(str(tmp_path)).train_down,
+    ) == ("none", True)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path)
+    assert (loaded.peft_config["default"].feature_norm, loaded.peft_config["default"].train_down) == ("none", True)
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        assert torch.equal(loaded(**inputs).logits, expected)
+        data["feature_norm"] = "rms"  # what the decoder default would have read: a different function
+        path.write_text(json.dumps(data))
+        assert not torch.allclose(PeftModel.from_pretrained(reference, tmp_path)(**inputs).logits, expected, atol=1e-3)

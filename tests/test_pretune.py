@@ -134,3 +134,29 @@ def test_cli_pretunes_on_labelled_source_classes_and_a_transfer_starts_from_it(t
     assert tuner.model.classifier.modules_to_save["default"].weight.shape[0] == 3  # a fresh head for the target
     assert transfer.peft_config["default"].variational_loss_weight == 0.0
     assert transfer.peft_config["default"].pretuned_on == config.pretuned_on
+
+
+def test_a_decoder_transfer_from_a_pretuned_adapter_freezes_the_pretuned_down_maps(tmp_path):
+    """Pre-tuning a decoder trains its down-maps (the variational loss is on); the transfer that starts from it keeps
+    them at their pre-tuned values, frozen, as the reference's LLaMA transfer -- unless `train_down=True` is asked."""
+    model = get_peft_model(make_llama(), ToastConfig(variational_loss_weight=0.01, task_type="CAUSAL_LM"))
+    assert (model.peft_config["default"].feature_norm, model.peft_config["default"].train_down) == ("rms", True)
+    batch = make_inputs("llama", batch=2, seq=6)
+    batch["labels"] = batch["input_ids"].clone()
+    pretune_top_down(model, [batch], max_steps=2, learning_rate=1e-2, progress=False)
+    model.save_pretrained(tmp_path)
+    pretuned = {name: tensor for name, tensor in load_file(tmp_path / "adapter_model.safetensors").items()}
+
+    transfer = load_initialisation(make_llama(), str(tmp_path))
+    config = transfer.peft_config["default"]
+    assert (config.feature_norm, config.train_down, config.variational_loss_weight) == ("rms", False, 0.0)
+    down = {name: p for name, p in transfer.named_parameters() if "toast_down" in name}
+    assert down and not any(parameter.requires_grad for parameter in down.values())
+    for name, parameter in down.items():
+        saved = pretuned[name.replace(".default.", ".")]
+        assert not torch.equal(saved, torch.eye(saved.shape[0]))  # pre-tuning moved it
+        assert torch.equal(parameter, saved)
+    assert any(p.requires_grad for name, p in transfer.named_parameters() if "toast_readout" in name)
+
+    trained = load_initialisation(make_llama(), str(tmp_path), train_down=True)
+    assert all(p.requires_grad for name, p in trained.named_parameters() if "toast_down" in name)

@@ -122,6 +122,8 @@ def plain_toast_output(
         else:  # the encoder's output tokens (after its final norm, if it has one)
             x = base.base_model(**inputs).last_hidden_state
         prompt = tensors["base_model.model.toast.toast_prompt"]  # (d,)
+        if adapter_config["feature_norm"] == "rms":  # each token over its root mean square; the gates do not change
+            x = x / x.square().mean(dim=-1, keepdim=True).sqrt().clamp_min(eps)
         gates = ((x @ prompt) / (x.norm(dim=-1).clamp_min(eps) * prompt.norm().clamp_min(eps))).clamp(0, 1)  # (B, N)
         z = gates[..., None] * x  # (B, N, d)
         signals = {}
@@ -171,6 +173,9 @@ def test_family_is_steered_exactly(family, tmp_path):
     model = steered_model(family, base, inputs)
     architecture = model.base_model.architecture
     assert architecture.causal == (family.kind in CAUSAL)
+    # The automatic defaults: a decoder feeds back its pre-norm feature scale-free and freezes its down-maps.
+    config = model.peft_config["default"]
+    assert (config.feature_norm, config.train_down) == (("rms", False) if family.kind in CAUSAL else ("none", True))
     assert len(architecture.blocks) == 2
     steered = output(model, inputs)
 

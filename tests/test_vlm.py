@@ -146,6 +146,8 @@ def plain_toast_logits(base, tensors: dict, adapter_config: dict, inputs: dict) 
         x = captured[0][0] if isinstance(captured[0], tuple) else captured[0]  # (B, N, d)
         assert x.shape[:2] == inputs["input_ids"].shape  # every token of the sequence, image tokens included
 
+        if adapter_config["feature_norm"] == "rms":  # the decoder default: each token over its root mean square
+            x = x / x.square().mean(dim=-1, keepdim=True).sqrt().clamp_min(eps)
         prompt = tensors["base_model.model.toast.toast_prompt"]  # (d,)
         gates = ((x @ prompt) / (x.norm(dim=-1).clamp_min(eps) * prompt.norm().clamp_min(eps))).clamp(0, 1)  # (B, N)
         z = gates[..., None] * x
@@ -202,7 +204,8 @@ def test_gradients_reach_exactly_the_adapter_parameters(model_type):
     model = steered(model_type).train()
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] >= min(VLM_SPECIAL_TOKENS), -100)
     model(**inputs, labels=labels).loss.backward()
-    adapter = {name for name, _ in model.named_parameters() if "toast_" in name}
+    # Every TOAST tensor but the down-maps, which a decoder's default freezes (`train_down=None`).
+    adapter = {name for name, _ in model.named_parameters() if "toast_" in name and ".toast_down." not in name}
     assert adapter == {name for name, param in model.named_parameters() if param.requires_grad}
     with_grad = {name for name, param in model.named_parameters() if param.grad is not None}
     assert with_grad == adapter
