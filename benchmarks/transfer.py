@@ -63,7 +63,7 @@ METHODS = (
     "toast-contrast", "toast-oracle", "toast-top1", "toast-top2", "toast-top3", "toast-top6", "toast-top3-src",
     "toast-drop10", "toast-drop30", "toast-readout", "toast-rms-readout",
     "toast-readout-src", "toast-readout-r8", "toast-readout-h10", "lora-h10",
-    "toast-readout-qv", "toast-h10", "toast-rms-readout-r8", "lora-all-r32",
+    "toast-readout-qv", "toast-h10", "toast-rms-readout-r8", "lora-all-r32", "toast-rms-readout-r32",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -89,6 +89,7 @@ LABELS = {
     "toast-readout-src": "TOAST, down-maps frozen, source pre-tuned",
     "toast-readout-r8": "TOAST, down-maps frozen, rank-8 readouts",
     "toast-rms-readout-r8": "TOAST, feature_norm='rms', down-maps frozen, rank-8 readouts",
+    "toast-rms-readout-r32": "TOAST, feature_norm='rms', down-maps frozen, rank-32 readouts",
     "toast-readout-h10": "TOAST, down-maps frozen, head at 10x the rate",
     "lora-h10": "LoRA r=8 (q, v), head at 10x the rate",
     "lora-all-r32": "LoRA r=32, every linear projection",
@@ -121,6 +122,8 @@ TOAST_CONFIGS = {
     "toast-readout-r8": {"train_down": False, "feedback_rank": 8},
     # The <= 1 % variant of the decoder recipe: 2 r d parameters per block (0.2 % of SmolLM2-135M).
     "toast-rms-readout-r8": {"feature_norm": "rms", "train_down": False, "feedback_rank": 8},
+    # Between rank 8 (at the probe on the tweets) and full rank: 2 r d per block, 0.8 % of SmolLM2-135M at r = 32.
+    "toast-rms-readout-r32": {"feature_norm": "rms", "train_down": False, "feedback_rank": 32},
     "toast-readout-h10": {"train_down": False},
     "toast-h10": {},
     "toast-readout-qv": {"train_down": False},
@@ -170,6 +173,8 @@ LEARNING_RATES = {
     # Rank-8 readouts went best at 10x the full-rank rate on images, hence this grid; on the tweets validation turned
     # out flat from 1e-6 to 3e-5 (runs extended with --lr-grid; docs/benchmarks.md, session 11).
     "toast-rms-readout-r8": (1e-5, 3e-5, 1e-4),
+    # The full-rank recipe's best rates on the two tweet tasks were 3e-6 and 3e-5.
+    "toast-rms-readout-r32": (3e-6, 1e-5, 3e-5),
     "toast-readout-h10": (1e-4, 3e-4, 1e-3),
     "toast-readout-qv": (3e-4, 1e-3, 3e-3),
     "toast-h10": (1e-4, 3e-4, 1e-3),

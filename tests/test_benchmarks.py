@@ -433,18 +433,19 @@ def test_transfer_head_rate_methods_train_the_head_at_ten_times_the_rate(monkeyp
         assert record.get("head_lr") == pytest.approx(expected[1])
 
 
-def test_transfer_rank8_decoder_recipe_trains_only_rank8_readouts_the_prompt_and_the_head():
+@pytest.mark.parametrize("rank", [8, 32])
+def test_transfer_low_rank_decoder_recipe_trains_only_its_readouts_the_prompt_and_the_head(rank):
     task = transfer.text_task(transfer.parse_args(["--tiny"]))
-    model = transfer.new_model(task, "toast-rms-readout-r8", 0, None)
+    model = transfer.new_model(task, f"toast-rms-readout-r{rank}", 0, None)
     config = model.config
     trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
     head = {name: size for name, size in trainable.items() if ".modules_to_save." in name}
     blocks, width = config.num_hidden_layers, config.hidden_size
     assert sum(head.values()) == config.num_labels * width  # the head's trained copy (no bias)
-    # Readouts C_l = U'_l V'_l of rank 8 in every block and the prompt; the down-maps stay frozen.
+    # Readouts C_l = U'_l V'_l of the rank in every block and the prompt; the down-maps stay frozen.
     readouts = [name for name in trainable if ".toast_readout." in name]
     assert len(readouts) == 2 * blocks
-    assert sum(trainable.values()) - sum(head.values()) == blocks * 2 * 8 * width + width
+    assert sum(trainable.values()) - sum(head.values()) == blocks * 2 * rank * width + width
     assert not any("toast_down" in name for name in trainable)
     assert model.peft_config["default"].feature_norm == "rms"
 
