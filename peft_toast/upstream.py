@@ -165,8 +165,8 @@ def wrap_block_checkpointing(blocks: Iterable, wrapper: Callable[[Callable], Cal
             block._gradient_checkpointing_func = wrapper(function)
 
 
-def keep_4bit_weights_differentiable(model) -> int:
-    """Keep bitsandbytes' 4-bit layers of `model` on their differentiable fp32 path; returns how many were switched.
+def keep_4bit_weights_differentiable(model) -> None:
+    """Keep bitsandbytes' 4-bit layers of `model` on their differentiable fp32 path.
 
     bitsandbytes 0.50.2, on a CPU with AVX512-BF16, repacks a `Linear4bit` weight at its first inference call
     (eval mode, no gradient) and from then on multiplies bf16 activations with a kernel that has no backward: training
@@ -174,7 +174,6 @@ def keep_4bit_weights_differentiable(model) -> int:
     projections, would silently stop training. Turning the repacking off keeps the numbers of the dequantised weights
     (as on every other CPU and version); a weight repacked already cannot be used and is refused with the fix.
     """
-    switched = 0
     for name, module in model.named_modules():
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if getattr(state, "packing_format_for_cpu", False):
@@ -185,5 +184,3 @@ def keep_4bit_weights_differentiable(model) -> int:
             )
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-            switched += 1
-    return switched

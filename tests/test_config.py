@@ -184,10 +184,8 @@ def test_files_without_the_automatic_fields_load_as_they_were_trained(tmp_path):
     del data["feature_norm"], data["train_down"]
     path.write_text(json.dumps(data))
 
-    assert (
-        ToastConfig.from_pretrained(str(tmp_path)).feature_norm,
-        ToastConfig.from_pretrained(str(tmp_path)).train_down,
-    ) == ("none", True)
+    read = ToastConfig.from_pretrained(str(tmp_path))
+    assert (read.feature_norm, read.train_down) == ("none", True)
     loaded = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path)
     assert (loaded.peft_config["default"].feature_norm, loaded.peft_config["default"].train_down) == ("none", True)
     inputs = make_inputs("llama")
