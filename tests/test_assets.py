@@ -195,3 +195,23 @@ def test_tweet_sentiment():
     assert three_way["train"].features["label"].names == ["negative", "neutral", "positive"]
     assert len(three_way["train"]) == len(three_way["test"]) == 300
     assert set(three_way["train"]["label"]) == {0, 1, 2}
+
+
+def test_bbc_news_headlines_and_articles():
+    news = assets.load_bbc_news()
+    assert (len(news["train"]), len(news["test"])) == (1_676, 420)  # 2,096 distinct headlines of 2,225 articles
+    assert news["train"].features["label"].names == list(assets.BBC_NEWS_TOPICS)
+    assert not set(news["train"]["text"]) & set(news["test"]["text"])
+    assert all(text and "\n" not in text for text in news["train"]["text"])
+    assert "Ad sales boost Time Warner profit" in [*news["train"]["text"], *news["test"]["text"]]
+    counts = [np.bincount(split["label"], minlength=5) / len(split) for split in news.values()]
+    assert np.abs(counts[0] - counts[1]).max() < 0.01  # stratified
+    assert news["test"]["text"] == assets.load_bbc_news()["test"]["text"]
+    assert news["test"]["text"] != assets.load_bbc_news(seed=1)["test"]["text"]
+
+    articles = assets.load_bbc_news("article", limit=50)
+    assert len(articles["train"]) == len(articles["test"]) == 50
+    assert all(text.count("\n") >= 2 for text in articles["train"]["text"])  # headline, blank line, body
+    assert any("\u00a3" in text for text in assets.load_bbc_news("article")["train"]["text"])  # the latin-1 file
+    with pytest.raises(ValueError, match="'headline' or 'article'"):
+        assets.load_bbc_news("body")

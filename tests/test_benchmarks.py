@@ -512,6 +512,27 @@ def test_transfer_three_class_tweets_run_end_to_end_with_a_three_way_head(tmp_pa
     assert [run["lr"] for run in record["lora"]["sweep"]] == list(transfer.LEARNING_RATES["lora"])
 
 
+def test_transfer_bbc_headlines_run_end_to_end_with_a_five_way_head(tmp_path):
+    args = transfer.parse_args(["--tiny", "--tasks", "bbc"])
+    task = transfer.text_task(args, "bbc")
+    assert task.name == "bbc" and task.num_labels == 5
+    split = task.splits["train"]
+    assert set(split.labels.tolist()) == set(range(5))
+    markers = {1: 4, 2: 3, 3: 2, 4: 1}  # class c > 0 carries token 5 - c; class 0 none; token 0 pads
+    for label, ids in zip(split.labels.tolist(), split.input_ids):
+        assert {token for token in ids if token < 5} == ({markers[label]} if label else set())
+    output = tmp_path / "bbc.json"
+    transfer.main(
+        ["--tiny", "--threads", "1", "--tasks", "bbc", "--methods", "toast-rms-readout", "--output", str(output)]
+    )
+    record = json.loads(output.read_text())["tasks"]["bbc"]["budgets"]["4"]
+    assert set(record) == {"linear", "toast-rms-readout"}
+    with pytest.raises(ValueError, match="BBC news headlines have 5 topics"):
+        _data.text_task(sizes={"train": 4}, tiny=True, num_labels=3, corpus="bbc")
+    with pytest.raises(ValueError, match="Unknown text corpus 'reviews'"):
+        _data.text_task(sizes={"train": 4}, tiny=True, num_labels=2, corpus="reviews")
+
+
 def test_transfer_query_steering_diagnostic_adds_the_signal_to_the_queries_only_when_steering():
     task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
     steered = transfer.new_model(task, "toast-readout-qv", 0, None)
