@@ -53,8 +53,8 @@ class ToastConfig(PeftConfig):
             `False` on a decoder LM (causal attention) unless `variational_loss_weight > 0` (pre-tuning), `True`
             otherwise -- as the reference, which trains them for vision and freezes them for LLaMA's transfer, and as
             measured here (docs/benchmarks.md: with `feature_norm="rms"`, frozen down-maps were ahead of LoRA r=8 and
-            the probe on both SmolLM2 tweet tasks). The value decided is stored in the config, so a saved adapter
-            records it.
+            the probe on three SmolLM2 tasks, two tweet tasks and BBC headline topics). The value decided is stored in
+            the config, so a saved adapter records it.
         train_readout (`bool`):
             Whether the readouts `C_l` (or their deltas) train.
         train_prompt (`bool`):

@@ -107,7 +107,8 @@ def configuration_md() -> str:
         "exactly at the frozen model's function. Two of them are decided by the model when the adapter is created: on "
         'a decoder LM (causal attention) `feature_norm="auto"` feeds the pre-norm feature back scale-free (`"rms"`) '
         "and `train_down=None` freezes the down-maps in transfer, the recipe that was ahead of LoRA r=8 and the probe on "
-        "both SmolLM2 tweet tasks and level with a LoRA of its own size on the three-class one "
+        "three SmolLM2 tasks (two tweet tasks and BBC headline topics) and level with a LoRA of its own size on "
+        "three-class tweets "
         '([benchmarks.md](benchmarks.md)); on every other model they mean the reference\'s `"none"` and `True`. The '
         "saved `adapter_config.json` records the values decided.",
         "",
