@@ -45,7 +45,8 @@ __all__ = [
 ]
 
 # Offline datasets of `peft_toast.assets`, accepted by `--data` besides text files and Hub dataset names.
-OFFLINE_DATA = ("fashion-mnist", "tweets")
+# "bbc-news": whole BBC news articles, general English prose (for a decoder's pre-tuning or calibration).
+OFFLINE_DATA = ("fashion-mnist", "tweets", "bbc-news")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -130,6 +131,10 @@ def load_examples(
         from .assets import load_tweet_sentiment
 
         return list(load_tweet_sentiment(limit=num_samples, seed=seed)[split]["text"])
+    if data == "bbc-news":
+        from .assets import load_bbc_news
+
+        return list(load_bbc_news("article", limit=num_samples, seed=seed)[split]["text"])
     if os.path.isfile(data):
         with open(data, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()][:num_samples]

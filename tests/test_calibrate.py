@@ -532,6 +532,17 @@ def test_vision_cli_end_to_end(tmp_path):
         assert not torch.equal(layer.toast_down["default"].weight, torch.eye(32))
 
 
+def test_offline_text_data_are_tweets_and_whole_news_articles():
+    from peft_toast.assets import load_bbc_news
+
+    articles = load_examples("bbc-news", 6, seed=1)
+    assert articles == list(load_bbc_news("article", limit=6, seed=1)["train"]["text"])
+    assert len(set(articles)) == 6 and all(article.count("\n") >= 2 for article in articles)  # headline, blank, body
+    assert load_examples("bbc-news", 3, split="test") != articles[:3]
+    tweets = load_examples("tweets", 6)
+    assert len(tweets) == 6 and all(isinstance(tweet, str) and "\n" not in tweet for tweet in tweets)
+
+
 def test_load_initialisation_can_keep_the_saved_head(tmp_path):
     saved = get_peft_model(make_vit(), ToastConfig())
     with torch.no_grad():
