@@ -126,12 +126,12 @@ def text_task(
     """A text classification task on SmolLM2-135M (or `model`) with a classification head. `corpus="tweets"`: tweet
     sentiment (annotator confidence >= 0.7), binary (negative / positive) with `num_labels=2`, or with the neutral
     tweets as a third class with `num_labels=3`. `corpus="bbc"`: the topic (5 classes) of a BBC news headline."""
+    if corpus not in ("tweets", "bbc"):
+        raise ValueError(f"Unknown text corpus {corpus!r}: 'tweets' or 'bbc'.")
     if corpus == "tweets" and num_labels not in (2, 3):
         raise ValueError(f"Tweet sentiment has 2 (negative / positive) or 3 classes (with neutral), not {num_labels}.")
     if corpus == "bbc" and num_labels != 5:
         raise ValueError(f"BBC news headlines have 5 topics, not {num_labels}.")
-    if corpus not in ("tweets", "bbc"):
-        raise ValueError(f"Unknown text corpus {corpus!r}: 'tweets' or 'bbc'.")
     if tiny:
         return _synthetic_text_task(sizes, num_labels)
     from transformers import AutoTokenizer

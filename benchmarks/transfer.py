@@ -179,7 +179,8 @@ LEARNING_RATES = {
     "toast-rms-readout-r8": (1e-5, 3e-5, 1e-4),
     # The full-rank recipe's best rates on the two tweet tasks were 3e-6 and 3e-5.
     "toast-rms-readout-r32": (3e-6, 1e-5, 3e-5),
-    # A quarter of the full-rank recipe's steering per step with 4 of 30 blocks: its rates are expected higher.
+    # Expected higher than every block's (4 of 30 blocks steered move the output less per step); on the tweets its
+    # validation was flat and best at the bottom instead, 3e-7 / 1e-6 (runs extended with --lr-grid; session 14).
     "toast-rms-readout-top4": (1e-5, 3e-5, 1e-4),
     "toast-readout-h10": (1e-4, 3e-4, 1e-3),
     "toast-readout-qv": (3e-4, 1e-3, 3e-3),

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "BBC_NEWS_TOPICS",
     "FASHION_MNIST_CLASSES",
     "MissingAssetError",
     "OFFLINE_MODELS",
