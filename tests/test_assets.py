@@ -212,6 +212,12 @@ def test_bbc_news_headlines_and_articles():
     articles = assets.load_bbc_news("article", limit=50)
     assert len(articles["train"]) == len(articles["test"]) == 50
     assert all(text.count("\n") >= 2 for text in articles["train"]["text"])  # headline, blank line, body
-    assert any("\u00a3" in text for text in assets.load_bbc_news("article")["train"]["text"])  # the latin-1 file
+    every_article = [
+        *assets.load_bbc_news("article")["train"]["text"],
+        *assets.load_bbc_news("article")["test"]["text"],
+    ]
+    # The one file that is not UTF-8 (sports/199.txt, a latin-1 pound sign) is read, and read right.
+    assert [text for text in every_article if "Chelsea sack Mutu" in text and "Mutu, a \u00a315.8m" in text]
+    assert not any("\ufffd" in text for text in every_article)
     with pytest.raises(ValueError, match="'headline' or 'article'"):
         assets.load_bbc_news("body")
