@@ -64,7 +64,7 @@ METHODS = (
     "toast-drop10", "toast-drop30", "toast-readout", "toast-rms-readout",
     "toast-readout-src", "toast-readout-r8", "toast-readout-h10", "lora-h10",
     "toast-readout-qv", "toast-h10", "toast-rms-readout-r8", "lora-all-r32", "toast-rms-readout-r32",
-    "toast-rms-readout-top4",
+    "toast-rms-readout-top4", "toast-rms-readout-h10", "toast-rms-readout-h100",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -93,6 +93,8 @@ LABELS = {
     "toast-rms-readout-r32": "TOAST, feature_norm='rms', down-maps frozen, rank-32 readouts",
     "toast-rms-readout-top4": "TOAST, feature_norm='rms', down-maps frozen, top 4 blocks",
     "toast-readout-h10": "TOAST, down-maps frozen, head at 10x the rate",
+    "toast-rms-readout-h10": "TOAST, feature_norm='rms', down-maps frozen, head at 10x the rate",
+    "toast-rms-readout-h100": "TOAST, feature_norm='rms', down-maps frozen, head at 100x the rate",
     "lora-h10": "LoRA r=8 (q, v), head at 10x the rate",
     "lora-all-r32": "LoRA r=32, every linear projection",
     "toast-h10": "TOAST (full rank), head at 10x the rate",
@@ -129,6 +131,8 @@ TOAST_CONFIGS = {
     # The other way under 1 %: full-rank readouts in the top 4 blocks only (4 d^2, 0.99 % of SmolLM2-135M).
     "toast-rms-readout-top4": {"feature_norm": "rms", "train_down": False, "layers_to_transform": [-4, -3, -2, -1]},
     "toast-readout-h10": {"train_down": False},
+    "toast-rms-readout-h10": {"feature_norm": "rms", "train_down": False},
+    "toast-rms-readout-h100": {"feature_norm": "rms", "train_down": False},
     "toast-h10": {},
     "toast-readout-qv": {"train_down": False},
     # The source stages of "toast-src" and "toast-top3-src".
@@ -143,6 +147,10 @@ PROMPT_NORMS = {"toast-fast": 1.0}
 # keeps the readouts stable may leave the head slow. LoRA gets the same multiplier, so that neither method is the only
 # one with a second rate.
 HEAD_LR_RATIOS = {"toast-readout-h10": 10.0, "lora-h10": 10.0, "toast-h10": 10.0}
+# The decoder default's readouts blow up in the first steps at the rates its head needs (BBC headlines, 30 steps: the
+# training loss 0.06 -> 5.3 -> 10.2 at 1e-4, docs/benchmarks.md session 14); here the readouts keep a low rate and the
+# head gets 10x or 100x of it.
+HEAD_LR_RATIOS.update({"toast-rms-readout-h10": 10.0, "toast-rms-readout-h100": 100.0})
 # Methods whose top-down signal also enters each steered block's query projection, `Q = W_q (u + t_l)` like the
 # values: LoRA adapts the queries and TOAST does not (its author: queries and keys group tokens, which should not depend
 # on the task). A diagnostic of where LoRA's lead comes from, made by wrapping the query projections here, not a
@@ -183,6 +191,9 @@ LEARNING_RATES = {
     # validation was flat and best at the bottom instead, 3e-7 / 1e-6 (runs extended with --lr-grid; session 14).
     "toast-rms-readout-top4": (1e-5, 3e-5, 1e-4),
     "toast-readout-h10": (1e-4, 3e-4, 1e-3),
+    # The adapter's rate; the head's is 10x or 100x (1e-3 to 3e-3 is LoRA's and the probe-started head's range).
+    "toast-rms-readout-h10": (3e-5, 1e-4, 3e-4),
+    "toast-rms-readout-h100": (3e-6, 1e-5, 3e-5),
     "toast-readout-qv": (3e-4, 1e-3, 3e-3),
     "toast-h10": (1e-4, 3e-4, 1e-3),
     "lora-h10": (3e-4, 1e-3, 3e-3),
