@@ -82,11 +82,13 @@ def train(
     lr: float,
     seed: int,
     head_lr: Optional[float] = None,
+    warmup_fraction: float = 0.1,
     desc: str = "training",
 ) -> list[float]:
     """AdamW (no weight decay), warm-up + cosine schedule, gradient clipping at 1.0; returns the training losses.
 
-    `lr` applies to the method's own parameters and `head_lr` (default: `lr`) to the task head's.
+    `lr` applies to the method's own parameters and `head_lr` (default: `lr`) to the task head's; `warmup_fraction` is
+    the share of the steps spent warming up.
 
     A plain loop rather than `transformers.Trainer`, on purpose: every method of a comparison must see the same batches
     in the same order (`batch_order`, seeded per run) with the same schedule (`warmup_cosine`, see there), on splits
@@ -102,7 +104,7 @@ def train(
         {"params": [p for name, p in named if is_head_parameter(name)], "lr": lr if head_lr is None else head_lr},
     ]
     optimizer = torch.optim.AdamW([group for group in groups if group["params"]], weight_decay=0.0)
-    scheduler = warmup_cosine(optimizer, steps)
+    scheduler = warmup_cosine(optimizer, steps, warmup_fraction)
     model.train()
     losses = []
     with tqdm(batch_order(len(split), steps, batch_size, seed), desc=desc, leave=False) as progress:

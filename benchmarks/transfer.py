@@ -65,6 +65,7 @@ METHODS = (
     "toast-readout-src", "toast-readout-r8", "toast-readout-h10", "lora-h10",
     "toast-readout-qv", "toast-h10", "toast-rms-readout-r8", "lora-all-r32", "toast-rms-readout-r32",
     "toast-rms-readout-top4", "toast-rms-readout-h10", "toast-rms-readout-h100",
+    "toast-rms-readout-w30", "lora-w30",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -95,6 +96,8 @@ LABELS = {
     "toast-readout-h10": "TOAST, down-maps frozen, head at 10x the rate",
     "toast-rms-readout-h10": "TOAST, feature_norm='rms', down-maps frozen, head at 10x the rate",
     "toast-rms-readout-h100": "TOAST, feature_norm='rms', down-maps frozen, head at 100x the rate",
+    "toast-rms-readout-w30": "TOAST, feature_norm='rms', down-maps frozen, warm-up 30 %",
+    "lora-w30": "LoRA r=8 (q, v), warm-up 30 %",
     "lora-h10": "LoRA r=8 (q, v), head at 10x the rate",
     "lora-all-r32": "LoRA r=32, every linear projection",
     "toast-h10": "TOAST (full rank), head at 10x the rate",
@@ -133,6 +136,7 @@ TOAST_CONFIGS = {
     "toast-readout-h10": {"train_down": False},
     "toast-rms-readout-h10": {"feature_norm": "rms", "train_down": False},
     "toast-rms-readout-h100": {"feature_norm": "rms", "train_down": False},
+    "toast-rms-readout-w30": {"feature_norm": "rms", "train_down": False},
     "toast-h10": {},
     "toast-readout-qv": {"train_down": False},
     # The source stages of "toast-src" and "toast-top3-src".
@@ -151,6 +155,9 @@ HEAD_LR_RATIOS = {"toast-readout-h10": 10.0, "lora-h10": 10.0, "toast-h10": 10.0
 # training loss 0.06 -> 5.3 -> 10.2 at 1e-4, docs/benchmarks.md session 14); here the readouts keep a low rate and the
 # head gets 10x or 100x of it.
 HEAD_LR_RATIOS.update({"toast-rms-readout-h10": 10.0, "toast-rms-readout-h100": 100.0})
+# The share of the steps spent warming up (`_training.warmup_cosine`; 10 % unless listed): three times longer, against
+# the same early blow-up; LoRA gets the same change.
+WARMUP_FRACTIONS = {"toast-rms-readout-w30": 0.3, "lora-w30": 0.3}
 # Methods whose top-down signal also enters each steered block's query projection, `Q = W_q (u + t_l)` like the
 # values: LoRA adapts the queries and TOAST does not (its author: queries and keys group tokens, which should not depend
 # on the task). A diagnostic of where LoRA's lead comes from, made by wrapping the query projections here, not a
@@ -194,6 +201,7 @@ LEARNING_RATES = {
     # The adapter's rate; the head's is 10x or 100x (1e-3 to 3e-3 is LoRA's and the probe-started head's range).
     "toast-rms-readout-h10": (3e-5, 1e-4, 3e-4),
     "toast-rms-readout-h100": (3e-6, 1e-5, 3e-5),
+    "toast-rms-readout-w30": (3e-5, 1e-4, 3e-4),
     "toast-readout-qv": (3e-4, 1e-3, 3e-3),
     "toast-h10": (1e-4, 3e-4, 1e-3),
     "lora-h10": (3e-4, 1e-3, 3e-3),
@@ -202,7 +210,7 @@ LEARNING_RATES = {
     "toast-contrast": (1e-4, 3e-4, 1e-3),
     "toast-oracle": (1e-4, 3e-4, 1e-3),
 }
-LEARNING_RATES["lora-src"] = LEARNING_RATES["lora"]
+LEARNING_RATES["lora-src"] = LEARNING_RATES["lora-w30"] = LEARNING_RATES["lora"]
 LEARNING_RATES["toast-src"] = LEARNING_RATES["toast"]
 LEARNING_RATES["toast-readout-src"] = LEARNING_RATES["toast-readout"]
 for _method in ("toast-top1", "toast-top2", "toast-top3", "toast-top6"):
@@ -596,7 +604,7 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
         model = get_peft_model(model, ToastConfig(**config))
         if method in STEERED_QUERIES:
             steer_queries(model)
-    elif method in ("lora", "lora-src", "lora-h10"):
+    elif method in ("lora", "lora-src", "lora-h10", "lora-w30"):
         model = _models.apply_method(model, "lora")  # r=8, alpha=16 on q and v, the head trained and saved
     elif method == "lora-all-r32":
         model = _models.apply_method(model, method)
@@ -703,11 +711,14 @@ def train_and_score(task, method, lr, seed, steps, batch_size, head, splits_to_s
         lr=lr,
         seed=seed,
         head_lr=lr * HEAD_LR_RATIOS[method] if method in HEAD_LR_RATIOS else None,
+        warmup_fraction=WARMUP_FRACTIONS.get(method, 0.1),
         desc=f"{task.name} {method} {steps} steps lr={lr:g} seed={seed}",
     )
     record = {"seed": seed, "lr": lr, "final_loss": statistics.mean(losses[-5:])}
     if method in HEAD_LR_RATIOS:
         record["head_lr"] = lr * HEAD_LR_RATIOS[method]
+    if method in WARMUP_FRACTIONS:
+        record["warmup_fraction"] = WARMUP_FRACTIONS[method]
     record["train_seconds"] = time.perf_counter() - start
     for name in splits_to_score:
         record[f"{name}_accuracy"] = _training.accuracy(model, cached_view(task, name, method))

@@ -433,6 +433,30 @@ def test_transfer_head_rate_methods_train_the_head_at_ten_times_the_rate(monkeyp
         assert record.get("head_lr") == pytest.approx(expected[1])
 
 
+def test_transfer_warm_up_methods_warm_up_for_thirty_percent_of_the_steps(monkeypatch):
+    seen = {}
+
+    def fake_train(model, split, *, warmup_fraction, **kwargs):
+        seen["warmup_fraction"] = warmup_fraction
+        return [0.0]
+
+    monkeypatch.setattr(transfer._training, "train", fake_train)
+    task = transfer.text_task(transfer.parse_args(["--tiny"]))
+    for method, expected in (("lora-w30", 0.3), ("toast-rms-readout-w30", 0.3), ("lora", 0.1)):
+        _, record = transfer.train_and_score(task, method, 1e-3, 0, 1, 4, None, [])
+        assert seen["warmup_fraction"] == expected
+        assert record.get("warmup_fraction") == (expected if method.endswith("-w30") else None)
+    # The schedule itself: 30 % of 10 steps is 3 warm-up steps, the peak at the third.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = transfer._training.warmup_cosine(optimizer, 10, 0.3)
+    factors = []
+    for _ in range(4):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert factors == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+
+
 @pytest.mark.parametrize("rank", [8, 32])
 def test_transfer_low_rank_decoder_recipe_trains_only_its_readouts_the_prompt_and_the_head(rank):
     task = transfer.text_task(transfer.parse_args(["--tiny"]))
