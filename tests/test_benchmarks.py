@@ -457,6 +457,43 @@ def test_transfer_warm_up_methods_warm_up_for_thirty_percent_of_the_steps(monkey
     assert factors == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
 
 
+def test_transfer_pca_readouts_read_the_top_directions_of_their_signal_and_start_at_the_frozen_model():
+    from peft_toast.topdown import FeedbackMap
+
+    task = transfer.text_task(transfer.parse_args(["--tiny"]))
+    transfer.cache_pass1_features(task, ["toast-rms-readout-r8-pca"])
+    pca = transfer.new_model(task, "toast-rms-readout-r8-pca", 0, None)
+    plain = transfer.new_model(task, "toast-rms-readout-r8", 0, None)
+    # The signal each readout receives, recomputed here from the same 64 training examples.
+    batch = transfer.cached_view(task, "train", "toast-rms-readout-r8-pca").batch(
+        range(min(64, len(task.splits["train"])))
+    )
+    mask = batch.pop("attention_mask").bool()
+    batch.pop("labels")
+    received = {}
+    readouts = {n: m for n, m in pca.named_modules() if isinstance(m, FeedbackMap) and "toast_readout" in n}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, n=n: received.__setitem__(n, a[0][mask])) for n, m in readouts.items()
+    ]
+    with torch.no_grad():
+        pca.eval()(**batch, attention_mask=mask.long())
+    for hook in hooks:
+        hook.remove()
+    plain_v = {n: p for n, p in plain.named_parameters() if n.endswith("toast_readout.default.v")}
+    for name, module in readouts.items():
+        top = torch.linalg.svd(received[name].double(), full_matrices=False).Vh[:8]
+        v = module.v.detach().double()
+        # Same row norms as the random factor it replaced; rows = the top singular directions up to sign.
+        assert torch.allclose(v.norm(dim=1), plain_v[name + ".v"].detach().double().norm(dim=1), atol=1e-6)
+        assert torch.allclose(
+            (v / v.norm(dim=1, keepdim=True) * top).sum(1).abs(), torch.ones(8, dtype=v.dtype), atol=1e-4
+        )
+        assert not module.u.any()
+    view = transfer.cached_view(task, "val", "toast-rms-readout-r8-pca").batch(range(8))
+    with torch.no_grad():
+        assert torch.equal(pca.eval()(**view).logits, plain.eval()(**view).logits)
+
+
 @pytest.mark.parametrize("rank", [8, 32])
 def test_transfer_low_rank_decoder_recipe_trains_only_its_readouts_the_prompt_and_the_head(rank):
     task = transfer.text_task(transfer.parse_args(["--tiny"]))
