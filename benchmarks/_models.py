@@ -10,7 +10,7 @@ from typing import Optional
 import common  # noqa: F401, I001  (first: it sets the OpenMP wait policy before torch loads)
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
+from peft import EvaConfig, LoraConfig, get_peft_model
 from torch import nn
 
 from peft_toast import ToastConfig
@@ -37,7 +37,7 @@ LORA_RANK = 8
 # LoRA's variants: (rank, target modules). "lora-all-r32" adapts every linear projection of the attention and the MLP
 # (PEFT's "all-linear", which leaves the task head to `modules_to_save`) at rank 32: on SmolLM2-135M that is 9.77M
 # parameters, the budget of full-rank TOAST with frozen down-maps (9.95M), so the two compare at equal size.
-LORA_VARIANTS = {"lora": (LORA_RANK, None), "lora-all-r32": (32, "all-linear")}
+LORA_VARIANTS = {"lora": (LORA_RANK, None), "lora-all-r32": (32, "all-linear"), "lora-eva": (LORA_RANK, None)}
 
 # Heads of the classification models; they train with every method.
 HEAD_NAMES = ("classifier", "score")
@@ -124,6 +124,8 @@ def apply_method(model: nn.Module, method: str) -> nn.Module:
     - `toast`, `toast-r8`: `get_peft_model` with the matching `ToastConfig` (the head trains by default);
     - `lora`: PEFT LoRA, rank 8, alpha 16, no dropout, on the query and value projections, plus the head;
     - `lora-all-r32`: the same at rank 32, alpha 64, on every linear projection of the blocks, plus the head;
+    - `lora-eva`: `lora` set up for PEFT's data-driven EVA initialisation (`A` from the top right singular vectors of
+      each layer's inputs, every layer keeping rank 8: `rho=1`); call `peft.initialize_lora_eva_weights` next;
     - `linear`: only the head (a linear probe on the frozen backbone);
     - `full`: every parameter.
     """
@@ -140,6 +142,11 @@ def apply_method(model: nn.Module, method: str) -> nn.Module:
             target_modules=targets or _lora_targets(model),
             modules_to_save=heads or None,
             task_type="CAUSAL_LM" if _is_causal_lm(model) else None,
+            **(
+                {"init_lora_weights": "eva", "eva_config": EvaConfig(rho=1.0, use_label_mask=False)}
+                if method == "lora-eva"
+                else {}
+            ),
         )
         return get_peft_model(model, config)
     if method == "linear":

@@ -50,7 +50,7 @@ import _training
 import common  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 import numpy as np
 import torch
-from peft import get_peft_model
+from peft import get_peft_model, initialize_lora_eva_weights
 from PIL import Image
 
 from peft_toast import ToastConfig
@@ -66,7 +66,7 @@ METHODS = (
     "toast-readout-qv", "toast-h10", "toast-rms-readout-r8", "lora-all-r32", "toast-rms-readout-r32",
     "toast-rms-readout-top4", "toast-rms-readout-h10", "toast-rms-readout-h100",
     "toast-rms-readout-w30", "lora-w30", "toast-rms-readout-skip1", "toast-rms-readout-skip3",
-    "toast-rms-readout-r8-pca", "toast-rms-readout-r32-pca",
+    "toast-rms-readout-r8-pca", "toast-rms-readout-r32-pca", "lora-eva",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -99,6 +99,7 @@ LABELS = {
     "toast-rms-readout-h100": "TOAST, feature_norm='rms', down-maps frozen, head at 100x the rate",
     "toast-rms-readout-w30": "TOAST, feature_norm='rms', down-maps frozen, warm-up 30 %",
     "lora-w30": "LoRA r=8 (q, v), warm-up 30 %",
+    "lora-eva": "LoRA r=8 (q, v), EVA initialisation",
     "toast-rms-readout-skip1": "TOAST, feature_norm='rms', down-maps frozen, block 0 not steered",
     "toast-rms-readout-skip3": "TOAST, feature_norm='rms', down-maps frozen, blocks 0-2 not steered",
     "toast-rms-readout-r8-pca": "TOAST, feature_norm='rms', down-maps frozen, rank-8 readouts reading the signal's top 8 directions",
@@ -230,6 +231,7 @@ LEARNING_RATES = {
     "toast-rms-readout-skip3": (3e-5, 1e-4, 3e-4),
     "toast-rms-readout-r8-pca": (1e-4, 3e-4, 1e-3),
     "toast-rms-readout-r32-pca": (1e-4, 3e-4, 1e-3),
+    "lora-eva": (1e-3, 3e-3, 1e-2),
     "toast-readout-qv": (3e-4, 1e-3, 3e-3),
     "toast-h10": (1e-4, 3e-4, 1e-3),
     "lora-h10": (3e-4, 1e-3, 3e-3),
@@ -634,7 +636,7 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
             steer_queries(model)
     elif method in ("lora", "lora-src", "lora-h10", "lora-w30"):
         model = _models.apply_method(model, "lora")  # r=8, alpha=16 on q and v, the head trained and saved
-    elif method == "lora-all-r32":
+    elif method in ("lora-all-r32", "lora-eva"):
         model = _models.apply_method(model, method)
     else:
         raise ValueError(f"Unknown method {method!r}.")
@@ -653,6 +655,10 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
             prompt.copy_(direction * (prompt.numel() ** 0.5 / direction.norm()))
     if method in PCA_READOUTS:
         pca_readouts(model, cached_view(task, "train", method).batch(range(min(64, len(task.splits["train"])))))
+    if method == "lora-eva":  # LoRA's counterpart of `PCA_READOUTS`: its `A` from the same 64 training examples
+        batch = cached_view(task, "train", method).batch(range(min(64, len(task.splits["train"]))))
+        batch.pop("labels")
+        initialize_lora_eva_weights(model, dataloader=[batch], show_progress_bar=False)
     if method in SOURCE_OF:
         missing = set(adapter_tensors(model)) - set(source[method])
         assert not missing, f"the source stage has no {sorted(missing)[:3]}"

@@ -494,6 +494,23 @@ def test_transfer_pca_readouts_read_the_top_directions_of_their_signal_and_start
         assert torch.equal(pca.eval()(**view).logits, plain.eval()(**view).logits)
 
 
+def test_transfer_lora_eva_starts_from_orthonormal_data_directions_at_the_frozen_model():
+    task = transfer.text_task(transfer.parse_args(["--tiny"]))
+    eva = transfer.new_model(task, "lora-eva", 0, None)
+    plain = transfer.new_model(task, "lora", 0, None)
+    a = {n: p.detach() for n, p in eva.named_parameters() if "lora_A" in n}
+    assert len(a) == 2 * eva.config.num_hidden_layers and all(t.shape[0] == 8 for t in a.values())
+    for name, weight in a.items():  # EVA's A: orthonormal rows (singular vectors), unlike the random init
+        assert torch.allclose(weight @ weight.T, torch.eye(8), atol=1e-4), name
+    assert not any(p.any() for n, p in eva.named_parameters() if "lora_B" in n)
+    assert sum(p.numel() for p in eva.parameters() if p.requires_grad) == sum(
+        p.numel() for p in plain.parameters() if p.requires_grad
+    )
+    view = transfer.cached_view(task, "val", "lora").batch(range(8))
+    with torch.no_grad():
+        assert torch.equal(eva.eval()(**view).logits, plain.eval()(**view).logits)
+
+
 @pytest.mark.parametrize("rank", [8, 32])
 def test_transfer_low_rank_decoder_recipe_trains_only_its_readouts_the_prompt_and_the_head(rank):
     task = transfer.text_task(transfer.parse_args(["--tiny"]))
