@@ -148,7 +148,8 @@ def apply_method(model: nn.Module, method: str) -> nn.Module:
                 else {}
             ),
         )
-        return get_peft_model(model, config)
+        # EVA's own advice: adapter weights on the meta device until `initialize_lora_eva_weights` sets them.
+        return get_peft_model(model, config, low_cpu_mem_usage=method == "lora-eva")
     if method == "linear":
         if not heads:
             raise ValueError("A linear probe needs a classification model with a `classifier` or `score` head.")
