@@ -653,8 +653,9 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
         prompt = model.base_model.toast_prompt["default"]
         with torch.no_grad():
             prompt.copy_(direction * (prompt.numel() ** 0.5 / direction.norm()))
-    if method in PCA_READOUTS:
-        pca_readouts(model, cached_view(task, "train", method).batch(range(min(64, len(task.splits["train"])))))
+    if method in PCA_READOUTS:  # the library's `initialise_readouts` on 64 training examples
+        batch = task.splits["train"].batch(range(min(64, len(task.splits["train"]))))
+        model.initialise_readouts(**{key: value for key, value in batch.items() if key != "labels"})
     if method == "lora-eva":  # LoRA's counterpart of `PCA_READOUTS`: its `A` from the same 64 training examples
         batch = cached_view(task, "train", method).batch(range(min(64, len(task.splits["train"]))))
         batch.pop("labels")
@@ -664,34 +665,6 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
         assert not missing, f"the source stage has no {sorted(missing)[:3]}"
         model.load_state_dict(source[method], strict=False)
     return model
-
-
-@torch.no_grad()
-def pca_readouts(model, batch: dict) -> None:
-    """Set every low-rank readout's input factor `v` (r, d) to the top r right singular vectors of the signal it
-    receives on `batch` (padding left out), each row keeping the norm of the random row it replaces (the rate means
-    the same); `u` stays zero, so the model still starts exactly at the frozen one."""
-    from peft_toast.topdown import FeedbackMap
-
-    readouts = {name: m for name, m in model.named_modules() if isinstance(m, FeedbackMap) and "toast_readout" in name}
-    assert readouts and all(m.rank is not None for m in readouts.values()), "PCA readouts need low-rank readouts"
-    mask = batch["attention_mask"].bool()
-    signals = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda module, args, name=name: signals.__setitem__(name, args[0][mask].float()))
-        for name, m in readouts.items()
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        model(**{key: value for key, value in batch.items() if key != "labels"})
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    for name, module in readouts.items():
-        directions = torch.linalg.svd(signals[name], full_matrices=False).Vh[: module.rank]  # (r, d), unit rows
-        module.v.copy_(directions * module.v.norm(dim=1, keepdim=True))
 
 
 class SteeredQuery(torch.nn.Module):

@@ -357,6 +357,46 @@ class ToastModel(BaseTuner):
         return self.toast_prompt[adapter_name]
 
     @torch.no_grad()
+    def initialise_readouts(self, *args, adapter_name: Optional[str] = None, **kwargs) -> int:
+        """Point the low-rank readouts of `adapter_name` (default: the active adapter) at the signal they receive on
+        these inputs (the model's forward arguments; labels are ignored): each readout `C_l = u v` (or TOAST-Lite's
+        `delta_u delta_v`) gets as its input factor `v` (r, d) the top r right singular vectors of the fed-back tokens
+        that reach it, in place of random rows of the same norms. `u` stays zero, so the model still starts exactly at
+        the frozen one; what changes is which directions of the signal the readouts can read: a random `v` passes
+        about r / d of a direction, and a readout's gradient is close to rank 1. Call it once on a fixed sample of the
+        training data before training (under `torch.distributed` every process must call it; the directions are
+        those of all processes' tokens). Sets a `prompt_init="data"` prompt that is still unset from the same inputs.
+        Returns the number of readouts set."""
+        adapter_name = adapter_name or self.active_toast_adapter()
+        if adapter_name not in self.toast_prompt:
+            raise ValueError(
+                f"There is no TOAST adapter {adapter_name!r} to initialise (adapters: {sorted(self.toast_prompt)}); "
+                f"pass `adapter_name=` or call it outside `disable_adapter()`."
+            )
+        config = self.peft_config[adapter_name]
+        if config.feedback_rank is None and config.lite_rank is None:
+            raise ValueError(
+                "`initialise_readouts` sets the input factor of low-rank readouts, and this adapter's readouts are "
+                "full rank (they read every direction already). Use `ToastConfig(feedback_rank=r)` or `lite_rank=r`."
+            )
+        trained = [
+            layer.block_index
+            for layer in self.toast_layers(adapter_name)
+            if adapter_name in layer.toast_readout
+            and getattr(layer.toast_readout[adapter_name], "u" if config.feedback_rank else "delta_u").any()
+        ]
+        if trained:
+            raise ValueError(
+                f"The readouts of adapter {adapter_name!r} are not at their start (blocks {trained[:3]} have a "
+                "nonzero output factor: trained or loaded), so new input directions would change what they do. "
+                "Call `initialise_readouts` on a new adapter, before training."
+            )
+        kwargs = self._pass1_only_arguments(kwargs)
+        features = self.run_pass1(self._toast_architecture.root, args, kwargs)  # (B, N, d)
+        passes.set_prompt_from_data(self, adapter_name, features, kwargs.get("attention_mask"))
+        return passes.set_readouts_from_data(self, adapter_name, features, kwargs.get("attention_mask"))
+
+    @torch.no_grad()
     def toast_selection(self, *args, **kwargs) -> torch.Tensor:
         """The token-selection gates `(B, N)` that the active adapter computes for these inputs: pass 1 and the
         selection only, no pass 2 (for inspection, e.g. `peft_toast.visualize`). Takes the model's forward arguments."""

@@ -286,6 +286,55 @@ def set_prompt_from_data(
     return True
 
 
+@torch.no_grad()
+def set_readouts_from_data(
+    tuner, adapter_name: str, features: torch.Tensor, attention_mask: Optional[torch.Tensor]
+) -> int:
+    """Point each low-rank readout's input factor (`v` of `u v`, or TOAST-Lite's `delta_v`) at the top right singular
+    directions of the signal that readout receives for these pass-1 `features` (real tokens only, summed over all
+    processes), each row keeping its norm. Returns the number of readouts set."""
+    layers = [layer for layer in tuner.toast_layers(adapter_name) if adapter_name in layer.toast_readout]
+    readouts = [layer.toast_readout[adapter_name] for layer in layers]
+    factors = [
+        (readout.v, readout.u) if readout.rank is not None else (readout.delta_v, readout.delta_u)
+        for readout in readouts
+    ]
+    grams: dict[int, torch.Tensor] = {}
+    mask = None if attention_mask is None else attention_mask.to(features.device).bool()
+
+    def record(index):
+        def hook(module, args):
+            z = args[0].double()  # (B, N, d)
+            z = z[mask] if mask is not None and mask.shape == z.shape[:2] else z.flatten(0, -2)
+            grams[index] = z.T @ z  # (d, d)
+
+        return hook
+
+    hooks = [readout.register_forward_pre_hook(record(index)) for index, readout in enumerate(readouts)]
+    was_training = tuner.training
+    tuner.train(False)  # no feedback dropout
+    try:
+        top_down_signals(tuner, adapter_name, features)
+    finally:
+        tuner.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    for index, (factor, _) in enumerate(factors):
+        gram = grams[index]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(gram)  # every process gets the directions of all processes' tokens
+        if not gram.diagonal().sum() > 0:
+            raise ValueError(
+                "These inputs send no signal down the feedback path (every selected token is zero), so they give the "
+                "readouts no direction. Pass real training examples (with their attention mask)."
+            )
+        rank = factor.shape[0]
+        directions = torch.linalg.eigh(gram).eigenvectors.flip(-1)[:, :rank].T  # (r, d), largest eigenvalue first
+        norms = factor.norm(dim=1, keepdim=True).double()
+        factor.copy_((directions.to(norms.device) * norms).to(factor.dtype))
+    return len(factors)
+
+
 def variational_loss(tuner, adapter_name: str, block_io: list) -> torch.Tensor:
     """`sum_l MSE(A_l h_l_out, h_l_in)` over the blocks that have a down-map; inputs and outputs are detached, so only
     the down-maps receive its gradient."""
