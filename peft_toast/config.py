@@ -44,7 +44,8 @@ class ToastConfig(PeftConfig):
         feedback_rank (`int`, *optional*):
             `None` (default): full-rank `d x d` down-maps and readouts, as in the reference. An integer `r` factors
             them: `A_l = I + U_l V_l` and `C_l = U'_l V'_l` with rank `r`, for `4 r d` instead of `2 d^2` parameters
-            per block.
+            per block. `model.initialise_readouts(**sample)` starts each `V'_l` at the top `r` directions of the
+            signal its readout receives instead of at random (docs/initialisation.md).
         lite_rank (`int`, *optional*):
             TOAST-Lite: keep full-rank down-maps and readouts frozen (identity/zero, or calibrated/pre-tuned values) and
             train rank-`lite_rank` deltas on them. Mutually exclusive with `feedback_rank`.

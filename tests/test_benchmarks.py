@@ -35,6 +35,7 @@ import cost  # noqa: E402
 import memory_at_scale  # noqa: E402
 import prompt_init  # noqa: E402
 import quality  # noqa: E402
+import readout_gradients  # noqa: E402
 import scaling  # noqa: E402
 import top_blocks  # noqa: E402
 import transfer  # noqa: E402
@@ -828,3 +829,30 @@ def test_transfer_assemble_extends_a_sweep_past_its_edge_and_rechooses_on_valida
     assert record["best_lr"] == 3e-3
     assert [(r["seed"], r["test_accuracy"]) for r in record["runs"]] == [(0, 0.70), (1, 0.72), (2, 0.74)]
     assert record["test_accuracy_mean"] == pytest.approx(0.72)
+
+
+def test_readout_gradients_reports_every_steered_block_against_an_independent_svd(tmp_path):
+    output = tmp_path / "gradients.json"
+    result = readout_gradients.main(
+        ["--tiny", "--task", "bbc", "--batches", "2", "--threads", "1", "--output", str(output)]
+    )
+    assert json.loads(output.read_text())["batches"] == result["batches"]
+    assert len(result["batches"]) == 2
+    # Recompute the first batch's gradient here, from the same start, and compare block by block.
+    task = transfer.text_task(transfer.parse_args(["--tiny", "--tasks", "bbc"]), "bbc")
+    transfer.cache_pass1_features(task, ["toast-rms-readout"])
+    head = transfer.probe_head(task, result["probe_lr"], 0)[0]
+    model = transfer.new_model(task, "toast-rms-readout", 0, head)
+    split = transfer.cached_view(task, "train", "toast-rms-readout")
+    indices = next(iter(_training.batch_order(len(split), 1, 16, 0)))
+    model.train()
+    model(**split.batch(indices)).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if ".toast_readout." in n}
+    blocks = result["batches"][0]["blocks"]
+    assert len(blocks) == len(grads) == model.config.num_hidden_layers
+    for name, grad in grads.items():
+        block = blocks[name.split("layers.")[1].split(".")[0]]
+        singular = torch.linalg.svdvals(grad.double())
+        assert block["frobenius"] == pytest.approx(singular.pow(2).sum().sqrt().item(), rel=1e-6)
+        assert block["spectral"] == pytest.approx(singular[0].item(), rel=1e-6)
+        assert block["spectral"] <= block["frobenius"] + 1e-12
