@@ -312,11 +312,11 @@ def set_readouts_from_data(
 
     hooks = [readout.register_forward_pre_hook(record(index)) for index, readout in enumerate(readouts)]
     was_training = tuner.training
-    tuner.train(False)  # no feedback dropout
+    tuner.training = False  # no feedback dropout; the flag alone, so that no submodule's own mode changes
     try:
         top_down_signals(tuner, adapter_name, features)
     finally:
-        tuner.train(was_training)
+        tuner.training = was_training
         for hook in hooks:
             hook.remove()
     for index, (factor, _) in enumerate(factors):

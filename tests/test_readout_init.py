@@ -117,3 +117,20 @@ def test_initialise_readouts_refuses_full_rank_trained_and_signal_free_readouts(
 
     with pytest.raises(ValueError, match="no TOAST adapter 'other'"):
         fresh.initialise_readouts(**make_inputs("llama"), adapter_name="other")
+
+
+def test_initialise_readouts_ignores_feedback_dropout_and_leaves_every_module_mode_alone():
+    inputs = make_inputs("llama", batch=4, seq=8)
+    directions = []
+    for dropout in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = get_peft_model(
+            make_llama(), ToastConfig(task_type="CAUSAL_LM", feedback_rank=4, feedback_dropout=dropout)
+        )
+        model.train()
+        embed = model.get_input_embeddings().eval()  # a submodule a user keeps in eval mode
+        model.initialise_readouts(**inputs)
+        assert model.training and model.base_model.training and not embed.training
+        directions.append([m.v.detach().clone() for m in readouts(model).values()])
+    for without, with_dropout in zip(*directions):
+        torch.testing.assert_close(without, with_dropout)
