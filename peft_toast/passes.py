@@ -295,10 +295,7 @@ def set_readouts_from_data(
     processes), each row keeping its norm. Returns the number of readouts set."""
     layers = [layer for layer in tuner.toast_layers(adapter_name) if adapter_name in layer.toast_readout]
     readouts = [layer.toast_readout[adapter_name] for layer in layers]
-    factors = [
-        (readout.v, readout.u) if readout.rank is not None else (readout.delta_v, readout.delta_u)
-        for readout in readouts
-    ]
+    factors = [readout.v if readout.rank is not None else readout.delta_v for readout in readouts]  # (r, d) each
     grams: dict[int, torch.Tensor] = {}
     mask = None if attention_mask is None else attention_mask.to(features.device).bool()
 
@@ -319,15 +316,16 @@ def set_readouts_from_data(
         tuner.training = was_training
         for hook in hooks:
             hook.remove()
-    for index, (factor, _) in enumerate(factors):
-        gram = grams[index]
+    for gram in grams.values():
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(gram)  # every process gets the directions of all processes' tokens
-        if not gram.diagonal().sum() > 0:
-            raise ValueError(
-                "These inputs send no signal down the feedback path (every selected token is zero), so they give the "
-                "readouts no direction. Pass real training examples (with their attention mask)."
-            )
+    if not all(gram.diagonal().sum() > 0 for gram in grams.values()):  # checked before any readout changes
+        raise ValueError(
+            "These inputs send no signal down the feedback path (every selected token is zero), so they give the "
+            "readouts no direction. Pass real training examples (with their attention mask)."
+        )
+    for index, factor in enumerate(factors):
+        gram = grams[index]
         rank = factor.shape[0]
         directions = torch.linalg.eigh(gram).eigenvectors.flip(-1)[:, :rank].T  # (r, d), largest eigenvalue first
         norms = factor.norm(dim=1, keepdim=True).double()

@@ -111,9 +111,11 @@ def test_initialise_readouts_refuses_full_rank_trained_and_signal_free_readouts(
         trained.initialise_readouts(**inputs)
 
     fresh = get_peft_model(make_llama(), ToastConfig(task_type="CAUSAL_LM", feedback_rank=4))
+    before = [m.v.detach().clone() for m in readouts(fresh).values()]
     inputs["attention_mask"].zero_()
     with pytest.raises(ValueError, match="no signal"):
         fresh.initialise_readouts(**inputs)
+    assert all(torch.equal(m.v, v) for m, v in zip(readouts(fresh).values(), before))  # nothing half-set
 
     with pytest.raises(ValueError, match="no TOAST adapter 'other'"):
         fresh.initialise_readouts(**make_inputs("llama"), adapter_name="other")
