@@ -46,8 +46,7 @@ def readout_gradients(args: argparse.Namespace) -> dict:
     task_args = transfer.parse_args(["--tasks", args.task, "--methods", METHOD] + (["--tiny"] if args.tiny else []))
     task = transfer.text_task(task_args, args.task)
     transfer.cache_pass1_features(task, [METHOD])
-    probe_lr = max(transfer.LEARNING_RATES["linear"], key=lambda lr: transfer.probe_head(task, lr, args.seed)[1])
-    head = transfer.probe_head(task, probe_lr, args.seed)[0]
+    probe_lr, head = transfer.best_probe_head(task, args.seed)
     model = transfer.new_model(task, METHOD, args.seed, head)
     split = transfer.cached_view(task, "train", METHOD)
     model.train()

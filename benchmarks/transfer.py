@@ -65,7 +65,7 @@ METHODS = (
     "toast-readout-src", "toast-readout-r8", "toast-readout-h10", "lora-h10",
     "toast-readout-qv", "toast-h10", "toast-rms-readout-r8", "lora-all-r32", "toast-rms-readout-r32",
     "toast-rms-readout-top4", "toast-rms-readout-h10", "toast-rms-readout-h100",
-    "toast-rms-readout-w30", "lora-w30", "toast-rms-readout-skip1", "toast-rms-readout-skip3",
+    "toast-rms-readout-w30", "lora-w30", "toast-rms-readout-skip1",
     "toast-rms-readout-r8-pca", "toast-rms-readout-r32-pca", "lora-eva",
 )  # fmt: skip
 LABELS = {
@@ -101,7 +101,6 @@ LABELS = {
     "lora-w30": "LoRA r=8 (q, v), warm-up 30 %",
     "lora-eva": "LoRA r=8 (q, v), EVA initialisation",
     "toast-rms-readout-skip1": "TOAST, feature_norm='rms', down-maps frozen, block 0 not steered",
-    "toast-rms-readout-skip3": "TOAST, feature_norm='rms', down-maps frozen, blocks 0-2 not steered",
     "toast-rms-readout-r8-pca": "TOAST, feature_norm='rms', down-maps frozen, rank-8 readouts reading the signal's top 8 directions",
     "toast-rms-readout-r32-pca": "TOAST, feature_norm='rms', down-maps frozen, rank-32 readouts reading the signal's top 32 directions",
     "lora-h10": "LoRA r=8 (q, v), head at 10x the rate",
@@ -144,16 +143,11 @@ TOAST_CONFIGS = {
     "toast-rms-readout-h100": {"feature_norm": "rms", "train_down": False},
     "toast-rms-readout-w30": {"feature_norm": "rms", "train_down": False},
     # On SmolLM2 (BBC headlines, the probe's head) the first block's readout gets 4x the gradient of any other
-    # (Frobenius 18.8 vs 1.6-6.4, all nearly rank 1): its values feed every block above. Leave the lowest blocks out.
+    # (Frobenius 18.8 vs 1.6-6.4, all nearly rank 1): its values feed every block above. Leave it out.
     "toast-rms-readout-skip1": {
         "feature_norm": "rms",
         "train_down": False,
         "layers_to_transform": list(range(-29, 0)),
-    },
-    "toast-rms-readout-skip3": {
-        "feature_norm": "rms",
-        "train_down": False,
-        "layers_to_transform": list(range(-27, 0)),
     },
     # Low-rank readouts `u v` whose input factor `v` (r, d) starts as the top r right singular vectors of the signal
     # each readout receives on 64 training examples (`PCA_READOUTS`), instead of random: the full-rank readouts'
@@ -228,7 +222,6 @@ LEARNING_RATES = {
     "toast-rms-readout-h100": (3e-6, 1e-5, 3e-5),
     "toast-rms-readout-w30": (3e-5, 1e-4, 3e-4),
     "toast-rms-readout-skip1": (3e-5, 1e-4, 3e-4),
-    "toast-rms-readout-skip3": (3e-5, 1e-4, 3e-4),
     "toast-rms-readout-r8-pca": (1e-4, 3e-4, 1e-3),
     "toast-rms-readout-r32-pca": (1e-4, 3e-4, 1e-3),
     "lora-eva": (1e-3, 3e-3, 1e-2),
@@ -616,6 +609,14 @@ def probe_head(task: _data.Task, lr: float, seed: int) -> tuple[dict, float]:
     )
 
 
+def best_probe_head(task: _data.Task, seed: int, lrs=None) -> tuple[float, dict]:
+    """The linear probe's learning rate of `lrs` (default: its range) with the best validation accuracy at `seed`
+    (the first on a tie), and that probe's head; each probe trains once."""
+    probes = {lr: probe_head(task, lr, seed) for lr in (lrs or LEARNING_RATES["linear"])}
+    best = max(probes, key=lambda lr: probes[lr][1])
+    return best, probes[best][0]
+
+
 def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], source: Optional[dict] = None):
     """A fresh model of `task` trained the way `method` does, its head from `head` (the probe's) if given, and its
     adapter from `source[method]` (the adapter tensors of a source stage) for the `*-src` methods."""
@@ -774,9 +775,7 @@ def source_stage(kind: str, args: argparse.Namespace, clutter: int) -> tuple[dic
     stage_methods = {method: PRETUNE_CONFIG.get(method, method) for method in stages.values()}
     cache_pass1_features(task, stage_methods.values())
     seed = args.seeds[0]
-    lrs = LEARNING_RATES["linear"]
-    probe_lr = max(lrs, key=lambda lr: probe_head(task, lr, seed)[1])
-    head = probe_head(task, probe_lr, seed)[0]
+    probe_lr, head = best_probe_head(task, seed)
     adapters, record = {}, {"task": task.description, "steps": args.source_steps, "probe_lr": probe_lr}
     for target_method, method in stages.items():
         best = None
@@ -950,8 +949,10 @@ def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, so
         lrs_of = {m: lrs[1:2] for m, lrs in lrs_of.items()}
 
     # The probe first: its best learning rate (seed 0, validation) trains the head that every method starts from.
-    best_probe = max(lrs_of["linear"], key=lambda lr: probe_head(task, lr, args.seeds[0])[1])
-    heads = {seed: probe_head(task, best_probe, seed)[0] for seed in args.seeds} if args.head_init == "probe" else {}
+    best_probe, first_head = best_probe_head(task, args.seeds[0], lrs_of["linear"])
+    heads = {}
+    if args.head_init == "probe":  # seed 0's head is the one just chosen; the other seeds' train at its rate
+        heads = {seed: probe_head(task, best_probe, seed)[0] for seed in args.seeds[1:]} | {args.seeds[0]: first_head}
     entry["probe_lr"] = best_probe
     if task.splits["test"].target is not None:
         entry["target_patch_share"] = task.splits["test"].target[:, 1:].mean().item()
