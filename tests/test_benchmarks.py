@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -458,28 +459,39 @@ def test_transfer_warm_up_methods_warm_up_for_thirty_percent_of_the_steps(monkey
     assert factors == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
 
 
-def test_transfer_pca_readouts_read_the_top_directions_of_their_signal_and_start_at_the_frozen_model():
+@pytest.mark.parametrize(
+    "kind, method, random_method",
+    [
+        ("text", "toast-rms-readout-r8-pca", "toast-rms-readout-r8"),
+        ("image", "toast-readout-r8-pca", "toast-readout-r8"),
+    ],
+)
+def test_transfer_pca_readouts_read_the_top_directions_of_their_signal_and_start_at_the_frozen_model(
+    kind, method, random_method
+):
     from peft_toast.topdown import FeedbackMap
 
-    task = transfer.text_task(transfer.parse_args(["--tiny"]))
-    transfer.cache_pass1_features(task, ["toast-rms-readout-r8-pca"])
-    pca = transfer.new_model(task, "toast-rms-readout-r8-pca", 0, None)
-    plain = transfer.new_model(task, "toast-rms-readout-r8", 0, None)
-    # The signal each readout receives, recomputed here from the same 64 training examples.
-    batch = transfer.cached_view(task, "train", "toast-rms-readout-r8-pca").batch(
-        range(min(64, len(task.splits["train"])))
-    )
-    mask = batch.pop("attention_mask").bool()
+    args = transfer.parse_args(["--tiny"])
+    task = transfer.text_task(args) if kind == "text" else transfer.image_task("fmnist", args)
+    transfer.cache_pass1_features(task, [method])
+    pca = transfer.new_model(task, method, 0, None)
+    plain = transfer.new_model(task, random_method, 0, None)
+    # The signal each readout receives, recomputed here from the same 64 training examples (padding left out).
+    batch = transfer.cached_view(task, "train", method).batch(range(min(64, len(task.splits["train"]))))
     batch.pop("labels")
+    mask = batch.get("attention_mask")
     received = {}
     readouts = {n: m for n, m in pca.named_modules() if isinstance(m, FeedbackMap) and "toast_readout" in n}
-    hooks = [
-        m.register_forward_pre_hook(lambda m, a, n=n: received.__setitem__(n, a[0][mask])) for n, m in readouts.items()
-    ]
+
+    def keep(name, tokens):
+        received[name] = tokens[mask.bool()] if mask is not None else tokens.flatten(0, -2)
+
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: keep(n, a[0])) for n, m in readouts.items()]
     with torch.no_grad():
-        pca.eval()(**batch, attention_mask=mask.long())
+        pca.eval()(**batch)
     for hook in hooks:
         hook.remove()
+    assert len(readouts) == len(received) > 0
     plain_v = {n: p for n, p in plain.named_parameters() if n.endswith("toast_readout.default.v")}
     for name, module in readouts.items():
         top = torch.linalg.svd(received[name].double(), full_matrices=False).Vh[:8]
@@ -489,8 +501,10 @@ def test_transfer_pca_readouts_read_the_top_directions_of_their_signal_and_start
         assert torch.allclose(
             (v / v.norm(dim=1, keepdim=True) * top).sum(1).abs(), torch.ones(8, dtype=v.dtype), atol=1e-4
         )
+        assert not torch.allclose(v, plain_v[name + ".v"].detach().double())
         assert not module.u.any()
-    view = transfer.cached_view(task, "val", "toast-rms-readout-r8-pca").batch(range(8))
+    view = transfer.cached_view(task, "val", method).batch(range(8))
+    view.pop("labels")
     with torch.no_grad():
         assert torch.equal(pca.eval()(**view).logits, plain.eval()(**view).logits)
 
@@ -831,19 +845,22 @@ def test_transfer_assemble_extends_a_sweep_past_its_edge_and_rechooses_on_valida
     assert record["test_accuracy_mean"] == pytest.approx(0.72)
 
 
-def test_readout_gradients_reports_every_steered_block_against_an_independent_svd(tmp_path):
+@pytest.mark.parametrize("task_name, method", [("bbc", "toast-rms-readout"), ("clutter", "toast-readout")])
+def test_readout_gradients_reports_every_steered_block_against_an_independent_svd(tmp_path, task_name, method):
     output = tmp_path / "gradients.json"
     result = readout_gradients.main(
-        ["--tiny", "--task", "bbc", "--batches", "2", "--threads", "1", "--output", str(output)]
+        ["--tiny", "--task", task_name, "--batches", "2", "--threads", "1", "--output", str(output)]
     )
     assert json.loads(output.read_text())["batches"] == result["batches"]
     assert len(result["batches"]) == 2
+    assert result["method"] == method
     # Recompute the first batch's gradient here, from the same start, and compare block by block.
-    task = transfer.text_task(transfer.parse_args(["--tiny", "--tasks", "bbc"]), "bbc")
-    transfer.cache_pass1_features(task, ["toast-rms-readout"])
+    args = transfer.parse_args(["--tiny", "--tasks", task_name])
+    task = transfer.text_task(args, task_name) if task_name == "bbc" else transfer.image_task(task_name, args, 4)
+    transfer.cache_pass1_features(task, [method])
     head = transfer.probe_head(task, result["probe_lr"], 0)[0]
-    model = transfer.new_model(task, "toast-rms-readout", 0, head)
-    split = transfer.cached_view(task, "train", "toast-rms-readout")
+    model = transfer.new_model(task, method, 0, head)
+    split = transfer.cached_view(task, "train", method)
     indices = next(iter(_training.batch_order(len(split), 1, 16, 0)))
     model.train()
     model(**split.batch(indices)).loss.backward()
@@ -851,7 +868,7 @@ def test_readout_gradients_reports_every_steered_block_against_an_independent_sv
     blocks = result["batches"][0]["blocks"]
     assert len(blocks) == len(grads) == model.config.num_hidden_layers
     for name, grad in grads.items():
-        block = blocks[name.split("layers.")[1].split(".")[0]]
+        block = blocks[re.search(r"\.(?:layers|layer)\.(\d+)\.", name).group(1)]
         singular = torch.linalg.svdvals(grad.double())
         assert block["frobenius"] == pytest.approx(singular.pow(2).sum().sqrt().item(), rel=1e-6)
         assert block["spectral"] == pytest.approx(singular[0].item(), rel=1e-6)
