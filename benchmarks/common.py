@@ -60,6 +60,30 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_lr_grid_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lr-grid",
+        nargs="+",
+        default=[],
+        metavar="METHOD:LR,LR",
+        help="Replace a method's learning rates, e.g. toast:1e-3 lora:1e-2,3e-2 (to check past the edge of a sweep).",
+    )
+
+
+def lr_grid_overrides(items: list[str]) -> dict[str, tuple[float, ...]]:
+    """`--lr-grid` as {method: rates}; an item without a method or a rate is an error that names it."""
+    overrides = {}
+    for item in items:
+        method, _, values = item.partition(":")
+        try:
+            overrides[method] = tuple(float(value) for value in values.split(","))
+        except ValueError:
+            raise SystemExit(f"--lr-grid {item!r}: expected METHOD:LR[,LR...], e.g. toast:1e-4,3e-4.") from None
+        if not method:
+            raise SystemExit(f"--lr-grid {item!r}: expected METHOD:LR[,LR...], e.g. toast:1e-4,3e-4.")
+    return overrides
+
+
 def setup(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()  # no load report for every freshly initialised head

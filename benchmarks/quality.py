@@ -87,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Head learning rate of the other methods when the linear probe (whose best rate it is by default) is "
         "not among --methods; e.g. to rerun one method against an earlier run's probe.",
     )
+    common.add_lr_grid_argument(parser)
     parser.add_argument(
         "--from-json",
         type=Path,
@@ -148,13 +149,15 @@ def train_once(task: _data.Task, method: str, lr: float, seed: int, settings: di
     return model, splits, record
 
 
-def run_method(task: _data.Task, method: str, protocol: dict, head_lr: float | None, progress: tqdm, on_run) -> dict:
+def run_method(
+    task: _data.Task, method: str, protocol: dict, head_lr: float | None, progress: tqdm, on_run, lrs=None
+) -> dict:
     """The learning-rate sweep (seed 0, scored on validation) and the remaining seeds at the best learning rate.
 
     Only the chosen models are evaluated on the test split: the sweep's best one, and one per remaining seed.
     """
     settings = protocol[task.name]
-    grid = learning_rates(method, task.name)
+    grid = lrs or learning_rates(method, task.name)
     lrs = grid if protocol["sweep"] else grid[len(grid) // 2 : len(grid) // 2 + 1]
     seeds = protocol["seeds"]
     record = {"label": _models.METHOD_LABELS[method], "sweep": [], "runs": []}
@@ -211,7 +214,7 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": common.machine_info(),
-        "protocol": {**protocol, "learning_rates": LEARNING_RATES, "tiny": args.tiny},
+        "protocol": {**protocol, "learning_rates": LEARNING_RATES, "lr_grid": args.lr_grid, "tiny": args.tiny},
         "tasks": {},
     }
 
@@ -220,6 +223,7 @@ def main(argv=None) -> dict:
             with_end = {**results, "machine": {**results["machine"], "load_average_end": common.os.getloadavg()}}
             _results.write_json(args.output, with_end)
 
+    grids = common.lr_grid_overrides(args.lr_grid)
     runs_per_method = (3 if protocol["sweep"] else 1) + len(protocol["seeds"]) - 1
     start = time.perf_counter()
     with tqdm(total=len(args.tasks) * len(args.methods) * runs_per_method, desc="quality runs") as progress:
@@ -238,7 +242,8 @@ def main(argv=None) -> dict:
             # The linear probe runs first: its best learning rate becomes every other method's head learning rate.
             head_lr = args.head_lr
             for method in sorted(args.methods, key=lambda name: name != "linear"):
-                entry["methods"][method] = run_method(task, method, protocol, head_lr, progress, save)
+                lrs = grids.get(method)
+                entry["methods"][method] = run_method(task, method, protocol, head_lr, progress, save, lrs)
                 if method == "linear":
                     head_lr = entry["head_lr"] = entry["methods"]["linear"]["best_lr"]
                 save()

@@ -276,13 +276,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--no-sweep", action="store_true", help="Only the middle learning rate of each method.")
-    parser.add_argument(
-        "--lr-grid",
-        nargs="+",
-        default=[],
-        metavar="METHOD:LR,LR",
-        help="Replace a method's learning rates, e.g. toast:1e-3 lora:1e-2,3e-2 (to check past the edge of a sweep).",
-    )
+    common.add_lr_grid_argument(parser)
     parser.add_argument(
         "--head-init", choices=["probe", "random"], default="probe", help="Start every head from the probe (LP-FT)."
     )
@@ -947,10 +941,9 @@ def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, so
     # The *-src methods only where a source stage ran (image tasks with --source-classes).
     methods = [method for method in args.methods if method not in SOURCE_OF or adapters is not None]
     lrs_of = {m: learning_rates(m, task) for m in methods}
-    for item in args.lr_grid:
-        method, _, values = item.partition(":")
+    for method, values in common.lr_grid_overrides(args.lr_grid).items():
         if method in lrs_of:
-            lrs_of[method] = tuple(float(value) for value in values.split(","))
+            lrs_of[method] = values
     if args.no_sweep:
         lrs_of = {m: lrs[1:2] for m, lrs in lrs_of.items()}
 

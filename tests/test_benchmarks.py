@@ -31,6 +31,7 @@ import _results  # noqa: E402
 import _timing  # noqa: E402
 import _training  # noqa: E402
 import calibration_speed  # noqa: E402
+import common  # noqa: E402
 import compile as compile_benchmark  # noqa: E402
 import cost  # noqa: E402
 import memory_at_scale  # noqa: E402
@@ -873,3 +874,16 @@ def test_readout_gradients_reports_every_steered_block_against_an_independent_sv
         assert block["frobenius"] == pytest.approx(singular.pow(2).sum().sqrt().item(), rel=1e-6)
         assert block["spectral"] == pytest.approx(singular[0].item(), rel=1e-6)
         assert block["spectral"] <= block["frobenius"] + 1e-12
+
+
+def test_quality_lr_grid_replaces_one_methods_sweep_and_rejects_a_malformed_item(tmp_path):
+    output = tmp_path / "quality.json"
+    arguments = ["--tiny", "--tasks", "text", "--methods", "toast", "lora", "--head-lr", "0.03", "--threads", "1"]
+    results = quality.main([*arguments, "--lr-grid", "toast:1e-4,3e-4", "--output", str(output)])
+    methods = results["tasks"]["text"]["methods"]
+    assert [run["lr"] for run in methods["toast"]["sweep"]] == [1e-4, 3e-4]
+    assert [run["lr"] for run in methods["lora"]["sweep"]] == list(quality.LEARNING_RATES["lora"])
+    assert json.loads(output.read_text())["protocol"]["lr_grid"] == ["toast:1e-4,3e-4"]
+    for item in ("toast", "toast:fast", ":1e-3"):
+        with pytest.raises(SystemExit, match="expected METHOD:LR"):
+            common.lr_grid_overrides([item])
