@@ -69,6 +69,15 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# The reference's vision recipe (`src/solver/optimizer.py`, `configs/base.yaml`): SGD with momentum 0.9 and weight
+# decay 1e-4 for the head, the decoders and the prompt alike (it exempts only the head's bias from the decay).
+SGD_SETTINGS = {"momentum": 0.9, "weight_decay": 1e-4}
+OPTIMIZERS = {
+    "adamw": lambda groups: torch.optim.AdamW(groups, weight_decay=0.0),
+    "sgd": lambda groups: torch.optim.SGD(groups, **SGD_SETTINGS),
+}
+
+
 def is_head_parameter(name: str) -> bool:
     return any(f"{head}." in f".{name}" for head in HEAD_NAMES)
 
@@ -83,12 +92,15 @@ def train(
     seed: int,
     head_lr: Optional[float] = None,
     warmup_fraction: float = 0.1,
+    optimizer: str = "adamw",
     desc: str = "training",
 ) -> list[float]:
     """AdamW (no weight decay), warm-up + cosine schedule, gradient clipping at 1.0; returns the training losses.
 
     `lr` applies to the method's own parameters and `head_lr` (default: `lr`) to the task head's; `warmup_fraction` is
-    the share of the steps spent warming up.
+    the share of the steps spent warming up. `optimizer="sgd"` replaces AdamW by the TOAST reference's optimizer
+    (`SGD_SETTINGS`: momentum 0.9, weight decay 1e-4 on every trained tensor, the prompt included), same schedule and
+    clipping.
 
     A plain loop rather than `transformers.Trainer`, on purpose: every method of a comparison must see the same batches
     in the same order (`batch_order`, seeded per run) with the same schedule (`warmup_cosine`, see there), on splits
@@ -103,7 +115,10 @@ def train(
         {"params": [p for name, p in named if not is_head_parameter(name)], "lr": lr},
         {"params": [p for name, p in named if is_head_parameter(name)], "lr": lr if head_lr is None else head_lr},
     ]
-    optimizer = torch.optim.AdamW([group for group in groups if group["params"]], weight_decay=0.0)
+    groups = [group for group in groups if group["params"]]
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: expected one of {sorted(OPTIMIZERS)}.")
+    optimizer = OPTIMIZERS[optimizer](groups)
     scheduler = warmup_cosine(optimizer, steps, warmup_fraction)
     model.train()
     losses = []

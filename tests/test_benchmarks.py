@@ -887,3 +887,63 @@ def test_quality_lr_grid_replaces_one_methods_sweep_and_rejects_a_malformed_item
     for item in ("toast", "toast:fast", ":1e-3"):
         with pytest.raises(SystemExit, match="expected METHOD:LR"):
             common.lr_grid_overrides([item])
+
+
+def test_sgd_training_is_the_references_sgd_against_an_independent_computation():
+    """`optimizer="sgd"`: momentum 0.9 and weight decay 1e-4 on every trained tensor, under the same warm-up + cosine
+    schedule and clipping at 1 as AdamW; replayed here by hand on a linear probe."""
+    torch.manual_seed(0)
+    features, labels = torch.randn(12, 5) * 3, torch.randint(0, 3, (12,))
+    split = _data.Split(labels=labels, features=features)
+    head = torch.nn.Linear(5, 3)
+    start = {name: p.detach().clone() for name, p in head.named_parameters()}
+    lr, steps, batch_size = 0.05, 3, 4
+    losses = _training.train(
+        _training.LinearProbe(head), split, steps=steps, batch_size=batch_size, lr=lr, seed=7, optimizer="sgd"
+    )
+
+    params = {name: value.clone().requires_grad_() for name, value in start.items()}
+    momentum = {name: torch.zeros_like(value) for name, value in start.items()}
+    expected_losses = []
+    for step, indices in enumerate(_training.batch_order(len(split), steps, batch_size, seed=7)):
+        logits = features[indices] @ params["weight"].T + params["bias"]
+        loss = torch.nn.functional.cross_entropy(logits, labels[indices])
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+        scale = min(1.0, 1.0 / (norm.item() + 1e-6))
+        factor = [1.0, 1.0, 0.5][step]  # one warm-up step (10 % of 3, at least 1), then cosine over the other two
+        with torch.no_grad():
+            for name, p in params.items():
+                momentum[name] = 0.9 * momentum[name] + grads[name] * scale + 1e-4 * p
+                p -= lr * factor * momentum[name]
+        expected_losses.append(loss.item())
+    assert losses == pytest.approx(expected_losses, rel=1e-5)
+    for name, p in head.named_parameters():
+        torch.testing.assert_close(p.detach(), params[name].detach(), rtol=0, atol=1e-7)
+        assert not torch.equal(p.detach(), start[name])  # it trained
+    with pytest.raises(ValueError, match="optimizer='adam'.*adamw"):
+        _training.train(_training.LinearProbe(head), split, steps=1, batch_size=4, lr=lr, seed=0, optimizer="adam")
+
+
+def test_transfer_sgd_methods_train_with_sgd_and_say_so(monkeypatch):
+    seen = {}
+
+    def fake_train(model, split, *, optimizer="adamw", **kwargs):
+        seen["optimizer"] = optimizer
+        return [0.0]
+
+    monkeypatch.setattr(transfer._training, "train", fake_train)
+    task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
+    transfer.cache_pass1_features(task)
+    for method, expected in (
+        ("toast-sgd", "sgd"),
+        ("toast-readout-sgd", "sgd"),
+        ("lora-sgd", "sgd"),
+        ("lora", "adamw"),
+    ):
+        model, record = transfer.train_and_score(task, method, 1e-3, 0, 1, 4, None, [])
+        assert seen["optimizer"] == expected
+        assert record.get("optimizer") == (expected if method.endswith("-sgd") else None)
+    assert not any(
+        p.requires_grad for name, p in model.named_parameters() if "lora_" not in name and "classifier" not in name
+    )
