@@ -118,8 +118,8 @@ def train(
     groups = [group for group in groups if group["params"]]
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: expected one of {sorted(OPTIMIZERS)}.")
-    optimizer = OPTIMIZERS[optimizer](groups)
-    scheduler = warmup_cosine(optimizer, steps, warmup_fraction)
+    step_rule = OPTIMIZERS[optimizer](groups)
+    scheduler = warmup_cosine(step_rule, steps, warmup_fraction)
     model.train()
     losses = []
     with tqdm(batch_order(len(split), steps, batch_size, seed), desc=desc, leave=False) as progress:
@@ -127,9 +127,9 @@ def train(
             loss = model(**split.batch(indices)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
+            step_rule.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_rule.zero_grad(set_to_none=True)
             losses.append(loss.item())
             progress.set_postfix(loss=f"{loss.item():.3f}")
     if not all(math.isfinite(loss) for loss in losses):

@@ -224,9 +224,13 @@ def main(argv=None) -> dict:
             _results.write_json(args.output, with_end)
 
     grids = common.lr_grid_overrides(args.lr_grid)
-    runs_per_method = (3 if protocol["sweep"] else 1) + len(protocol["seeds"]) - 1
+
+    def sweep_size(method: str, task: str) -> int:
+        return len(grids.get(method) or learning_rates(method, task)) if protocol["sweep"] else 1
+
+    total = sum(sweep_size(m, t) + len(protocol["seeds"]) - 1 for t in args.tasks for m in args.methods)
     start = time.perf_counter()
-    with tqdm(total=len(args.tasks) * len(args.methods) * runs_per_method, desc="quality runs") as progress:
+    with tqdm(total=total, desc="quality runs") as progress:
         for task_name in args.tasks:
             settings = protocol[task_name]
             task = load_task(task_name, args, settings["sizes"])
