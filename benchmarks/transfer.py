@@ -68,7 +68,7 @@ METHODS = (
     "toast-rms-readout-top4", "toast-rms-readout-h10", "toast-rms-readout-h100",
     "toast-rms-readout-w30", "lora-w30", "toast-rms-readout-skip1",
     "toast-rms-readout-r8-pca", "toast-rms-readout-r32-pca", "lora-eva", "toast-readout-r8-pca",
-    "toast-sgd", "toast-readout-sgd", "lora-sgd",
+    "toast-sgd", "toast-readout-sgd", "lora-sgd", "toast-readout-r8-pca-sgd",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -110,6 +110,7 @@ LABELS = {
     "toast-sgd": "TOAST (full rank), SGD as the reference trains",
     "toast-readout-sgd": "TOAST, down-maps frozen, SGD as the reference trains",
     "lora-sgd": "LoRA r=8 (q, v), SGD as the reference trains",
+    "toast-readout-r8-pca-sgd": "TOAST, down-maps frozen, rank-8 readouts reading the signal's top 8 directions, SGD",
     "lora-all-r32": "LoRA r=32, every linear projection",
     "toast-h10": "TOAST (full rank), head at 10x the rate",
     "toast-readout-qv": "TOAST, down-maps frozen, signal into the queries too (not TOAST: a diagnostic)",
@@ -166,6 +167,8 @@ TOAST_CONFIGS = {
     "toast-h10": {},
     "toast-sgd": {},
     "toast-readout-sgd": {"train_down": False},
+    # SGD, TOAST's best image optimizer (session 17), on the 0.35 % variant.
+    "toast-readout-r8-pca-sgd": {"train_down": False, "feedback_rank": 8},
     "toast-readout-qv": {"train_down": False},
     # The source stages of "toast-src" and "toast-top3-src".
     "toast-pretune": {"variational_loss_weight": 0.1},
@@ -183,14 +186,19 @@ HEAD_LR_RATIOS = {"toast-readout-h10": 10.0, "lora-h10": 10.0, "toast-h10": 10.0
 # training loss 0.06 -> 5.3 -> 10.2 at 1e-4, docs/benchmarks.md session 14); here the readouts keep a low rate and the
 # head gets 10x or 100x of it.
 HEAD_LR_RATIOS.update({"toast-rms-readout-h10": 10.0, "toast-rms-readout-h100": 100.0})
-PCA_READOUTS = ("toast-rms-readout-r8-pca", "toast-rms-readout-r32-pca", "toast-readout-r8-pca")
+PCA_READOUTS = (
+    "toast-rms-readout-r8-pca",
+    "toast-rms-readout-r32-pca",
+    "toast-readout-r8-pca",
+    "toast-readout-r8-pca-sgd",
+)
 # The share of the steps spent warming up (`_training.warmup_cosine`; 10 % unless listed): three times longer, against
 # the same early blow-up; LoRA gets the same change.
 WARMUP_FRACTIONS = {"toast-rms-readout-w30": 0.3, "lora-w30": 0.3}
 # The reference's optimizer (`_training.SGD_SETTINGS`: momentum 0.9, weight decay 1e-4, one rate for everything) in place
 # of AdamW: SGD's steps scale with the gradient where Adam moves every entry of a d x d readout by about the rate, and
 # on clutter every method ends near zero training loss with a generalisation gap; LoRA gets the same optimizer.
-OPTIMIZER_OF = {"toast-sgd": "sgd", "toast-readout-sgd": "sgd", "lora-sgd": "sgd"}
+OPTIMIZER_OF = {"toast-sgd": "sgd", "toast-readout-sgd": "sgd", "lora-sgd": "sgd", "toast-readout-r8-pca-sgd": "sgd"}
 # Methods whose top-down signal also enters each steered block's query projection, `Q = W_q (u + t_l)` like the
 # values: LoRA adapts the queries and TOAST does not (its author: queries and keys group tokens, which should not depend
 # on the task). A diagnostic of where LoRA's lead comes from, made by wrapping the query projections here, not a
@@ -247,6 +255,7 @@ LEARNING_RATES = {
     "toast-sgd": (3e-2, 1e-1, 3e-1),
     "toast-readout-sgd": (3e-2, 1e-1, 3e-1),
     "lora-sgd": (3e-2, 1e-1, 3e-1),
+    "toast-readout-r8-pca-sgd": (3e-2, 1e-1, 3e-1),
     "toast-readout-qv": (3e-4, 1e-3, 3e-3),
     "toast-h10": (1e-4, 3e-4, 1e-3),
     "lora-h10": (3e-4, 1e-3, 3e-3),

@@ -939,6 +939,7 @@ def test_transfer_sgd_methods_train_with_sgd_and_say_so(monkeypatch):
         ("toast-sgd", "sgd"),
         ("toast-readout-sgd", "sgd"),
         ("lora-sgd", "sgd"),
+        ("toast-readout-r8-pca-sgd", "sgd"),
         ("lora", "adamw"),
     ):
         model, record = transfer.train_and_score(task, method, 1e-3, 0, 1, 4, None, [])
