@@ -181,6 +181,13 @@ PROMPT_NORMS = {"toast-fast": 1.0}
 # premise not measured): Adam moves every entry of a full-rank d x d readout by about lr per step, so the one rate that
 # keeps the readouts stable may leave the head slow. LoRA gets the same multiplier, so that neither method is the only
 # one with a second rate.
+# The LoRA adapter of each LoRA method (`_models.apply_method`): the variants of "lora" (r=8, alpha=16 on q and v, the
+# head trained and saved) differ only in how they train (source stage, head rate, warm-up, optimizer; set below).
+LORA_ADAPTERS = {
+    **dict.fromkeys(("lora", "lora-src", "lora-h10", "lora-w30", "lora-sgd"), "lora"),
+    "lora-all-r32": "lora-all-r32",
+    "lora-eva": "lora-eva",
+}
 HEAD_LR_RATIOS = {"toast-readout-h10": 10.0, "lora-h10": 10.0, "toast-h10": 10.0}
 # The decoder default's readouts blow up in the first steps at the rates its head needs (BBC headlines, 30 steps: the
 # training loss 0.06 -> 5.3 -> 10.2 at 1e-4, docs/benchmarks.md session 14); here the readouts keep a low rate and the
@@ -660,10 +667,8 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
         model = get_peft_model(model, ToastConfig(**config))
         if method in STEERED_QUERIES:
             steer_queries(model)
-    elif method in ("lora", "lora-src", "lora-h10", "lora-w30", "lora-sgd"):
-        model = _models.apply_method(model, "lora")  # r=8, alpha=16 on q and v, the head trained and saved
-    elif method in ("lora-all-r32", "lora-eva"):
-        model = _models.apply_method(model, method)
+    elif method in LORA_ADAPTERS:
+        model = _models.apply_method(model, LORA_ADAPTERS[method])
     else:
         raise ValueError(f"Unknown method {method!r}.")
     if method in PROMPT_NORMS:

@@ -948,3 +948,21 @@ def test_transfer_sgd_methods_train_with_sgd_and_say_so(monkeypatch):
     assert not any(
         p.requires_grad for name, p in model.named_parameters() if "lora_" not in name and "classifier" not in name
     )
+
+
+def test_transfer_every_method_has_a_label_and_a_grid_and_trains_only_its_adapter_and_head():
+    task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
+    transfer.cache_pass1_features(task)
+    for method in transfer.METHODS:
+        assert method in transfer.LABELS, method
+        if method == "linear":
+            continue
+        assert transfer.learning_rates(method, task), method
+        if method in transfer.SOURCE_OF or method in ("toast-oracle", "lora-eva"):
+            continue  # a source stage / the target boxes / text inputs (PEFT's EVA reads `input_ids`)
+        model = transfer.new_model(task, method, 0, None)
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        adapter = "lora_" if method in transfer.LORA_ADAPTERS else "toast_"
+        assert any(adapter in name for name in trainable), method
+        assert all(adapter in name or "classifier" in name for name in trainable), (method, trainable)
+        assert any("classifier" in name for name in trainable), method
