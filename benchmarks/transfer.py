@@ -177,10 +177,6 @@ TOAST_CONFIGS = {
 # Prompt norms set after initialising the prompt from training images: Adam turns a prompt by about lr / |p| radians
 # per step, so the data prompt of norm sqrt(d) (~20 on DINOv2-S) barely turns in a few hundred steps at 1e-4.
 PROMPT_NORMS = {"toast-fast": 1.0}
-# The head's rate as a multiple of the adapter's (`create_toast_optimizer(head_lr=...)`). The hypothesis tested (its
-# premise not measured): Adam moves every entry of a full-rank d x d readout by about lr per step, so the one rate that
-# keeps the readouts stable may leave the head slow. LoRA gets the same multiplier, so that neither method is the only
-# one with a second rate.
 # The LoRA adapter of each LoRA method (`_models.apply_method`): the variants of "lora" (r=8, alpha=16 on q and v, the
 # head trained and saved) differ only in how they train (source stage, head rate, warm-up, optimizer; set below).
 LORA_ADAPTERS = {
@@ -188,6 +184,10 @@ LORA_ADAPTERS = {
     "lora-all-r32": "lora-all-r32",
     "lora-eva": "lora-eva",
 }
+# The head's rate as a multiple of the adapter's (`create_toast_optimizer(head_lr=...)`). The hypothesis tested (its
+# premise not measured): Adam moves every entry of a full-rank d x d readout by about lr per step, so the one rate that
+# keeps the readouts stable may leave the head slow. LoRA gets the same multiplier, so that neither method is the only
+# one with a second rate.
 HEAD_LR_RATIOS = {"toast-readout-h10": 10.0, "lora-h10": 10.0, "toast-h10": 10.0}
 # The decoder default's readouts blow up in the first steps at the rates its head needs (BBC headlines, 30 steps: the
 # training loss 0.06 -> 5.3 -> 10.2 at 1e-4, docs/benchmarks.md session 14); here the readouts keep a low rate and the
