@@ -24,6 +24,13 @@ Protocol: for each task, budget (`--steps`) and method, a learning-rate sweep wi
 split (taken from the train split); the best learning rate then runs with the other seeds, and the table reports the
 mean ± std of *test* accuracy over all seeds at that learning rate. The test split is never used for a choice.
 
+A stricter protocol (`--select mean-val --val-size 1000`, fixed before its first run in session 19): 200 validation
+images decide between rates by 2-4 images (a standard error of ~2.5 points at 85 %), and seed 0 alone cannot see a rate
+at which other seeds collapse. So every seed runs at every rate, the rate with the highest *mean* validation accuracy
+over the seeds wins, and the validation split holds 1,000 images (the 200 of the default protocol, then 800 more
+Fashion-MNIST training images outside the first draw; the training split is the same 1,000 images). Each run is scored
+on the test split too, so the table can show the test accuracy at every rate, but only validation chooses.
+
     python benchmarks/transfer.py --tiny                          # seconds: tiny random ViT, synthetic data
     python benchmarks/transfer.py --tasks fmnist --steps 100 400  # learning curve on plain Fashion-MNIST
     python benchmarks/transfer.py --tasks clutter --clutter 0 4   # cluttered Fashion-MNIST
@@ -341,6 +348,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Image tasks: also train linear heads on [CLS, pooled patch tokens] of the cached frozen pass-1 tokens, "
         "with mean, TOAST-gate, attention and (where the target's box is known) oracle pooling (`pooled_probes`).",
     )
+    parser.add_argument(
+        "--val-size",
+        type=int,
+        default=None,
+        help=f"Image tasks: a validation split of N images (default {SIZES['val']}); the images past the default's are "
+        "Fashion-MNIST training images outside the first draw, so the training split and the first validation "
+        "canvases stay the same.",
+    )
+    parser.add_argument(
+        "--select",
+        choices=["seed0", "mean-val"],
+        default="seed0",
+        help="How the learning rate is chosen: on seed 0's validation accuracy, then the other seeds at that rate "
+        "(`seed0`, the default), or on the mean validation accuracy of every seed, each run at every rate (`mean-val`).",
+    )
     parser.add_argument("--from-json", type=Path, nargs="+", help="Regenerate the docs from results files only.")
     parser.add_argument(
         "--assemble",
@@ -446,14 +468,18 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
     """Plain (`kind="fmnist"`) or cluttered Fashion-MNIST with `clutter` digits, preprocessed for DINOv2-S; only the
     garments of `classes` (renumbered 0..len-1) when given."""
     sizes = TINY_SIZES if args.tiny else SIZES
+    if args.val_size is not None and args.val_size < sizes["val"]:
+        raise SystemExit(f"--val-size must be at least the default {sizes['val']}, got {args.val_size}.")
     if args.tiny:
-        task = _data.vision_task(None, sizes=sizes, tiny=True)
+        task = _data.vision_task(None, sizes={**sizes, "val": args.val_size or sizes["val"]}, tiny=True)
         task.splits = {name: CachedSplit(**vars(split)) for name, split in task.splits.items()}
         if classes is not None:
             task.name += "-" + "".join(map(str, classes))
         if args.train_size:
             task.splits["train"] = first_examples(task.splits["train"], args.train_size)
             task.name += f"-train{args.train_size}"
+        if args.val_size:
+            task.name += f"-val{args.val_size}"
         return _same_backbone_for_every_seed(task, "image")
     from transformers import AutoImageProcessor
 
@@ -467,6 +493,11 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
     parts = train_val.train_test_split(test_size=sizes["val"], stratify_by_column="label", seed=0)
     test = _garments(load_fashion_mnist("test", limit=int(share * sizes["test"])), classes)
     datasets = {"train": parts["train"], "val": parts["test"], "test": test}
+    if args.val_size and args.val_size > sizes["val"]:  # after the first validation images: their canvases stay
+        from datasets import concatenate_datasets
+
+        extra = extra_validation(train_val, args.val_size - sizes["val"], classes)
+        datasets["val"] = concatenate_datasets([datasets["val"], extra])
     digits = load_mnist_digits() if kind == "clutter" else None
     patches = image_size // 14
     splits = {}
@@ -519,6 +550,9 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
     if args.train_views > 1:
         description += f", {args.train_views} training views per image (flip + shift)"
         name += f"-views{args.train_views}"
+    if args.val_size:
+        description += f", {args.val_size} validation images"
+        name += f"-val{args.val_size}"
     num_labels = len(classes or FASHION_MNIST_CLASSES)
     task = _data.Task(
         name=name,
@@ -536,6 +570,28 @@ def first_examples(split: CachedSplit, count: int) -> CachedSplit:
     """The first `count` examples of a split not yet cached (labels, pixels, target shares)."""
     target = None if split.target is None else split.target[:count]
     return CachedSplit(labels=split.labels[:count], pixel_values=split.pixel_values[:count], target=target)
+
+
+def extra_validation(drawn, count: int, classes: Optional[list[int]]):
+    """`count` more Fashion-MNIST training images (of `classes`, renumbered as `_garments` does) for validation, none
+    of them among `drawn` (compared pixel for pixel: no image the training split holds), at most `ceil(count / C)` of
+    each of the C classes, from a draw of its own (seed 1)."""
+    from peft_toast.assets import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    seen = {np.asarray(image).tobytes() for image in drawn["image"]}
+    share = len(FASHION_MNIST_CLASSES) / len(classes) if classes else 1
+    pool = _garments(load_fashion_mnist("train", limit=int(share * (len(drawn) + 2 * count)), seed=1), classes)
+    num_classes = len(classes or FASHION_MNIST_CLASSES)
+    cap, taken, keep = -(-count // num_classes), [0] * num_classes, []
+    for index, (image, label) in enumerate(zip(pool["image"], pool["label"])):
+        if len(keep) == count:
+            break
+        if taken[label] < cap and np.asarray(image).tobytes() not in seen:
+            taken[label] += 1
+            keep.append(index)
+    if len(keep) < count:
+        raise RuntimeError(f"Only {len(keep)} new validation images found, {count} asked for.")
+    return pool.select(keep)
 
 
 def _garments(dataset, classes: Optional[list[int]]):
@@ -1005,6 +1061,18 @@ def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, so
                     accuracy = _training.accuracy(probe, probe_splits["test"])
                     record["runs"].append({"seed": seed, "lr": best_probe, "test_accuracy": accuracy})
                 record["best_lr"] = best_probe
+            elif args.select == "mean-val":  # every seed at every rate; the rate of the best mean validation
+                record["selection"] = "mean-val"
+                for lr in lrs_of[method]:
+                    for seed in args.seeds:
+                        model, run = train_and_score(
+                            task, method, lr, seed, steps, args.batch_size, heads.get(seed), ["val", "test"], adapters
+                        )
+                        if seed == args.seeds[0] and task.splits["test"].target is not None:
+                            run.update(target_shares(model, task.splits["test"], method))
+                        record["sweep"].append(run)
+                        on_run()
+                choose_on_mean_validation(record)
             else:
                 best = None
                 for lr in lrs_of[method]:
@@ -1033,6 +1101,24 @@ def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, so
             record["test_accuracy_mean"] = statistics.mean(accuracies)
             record["test_accuracy_std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
             on_run()
+
+
+def choose_on_mean_validation(record: dict) -> None:
+    """The `mean-val` choice (`--select`): `record["sweep"]` holds every seed's run at every rate; the rate with the
+    highest mean validation accuracy over its seeds wins (the lowest rate wins a tie), and its runs, each scored on the
+    test split, become `record["runs"]`. Rates with fewer seeds than the most any rate has are not chosen. Also records
+    the mean validation accuracy of every rate (`val_accuracy_means`, by rate) and the test mean ± std."""
+    by_rate = {}
+    for run in record["sweep"]:
+        by_rate.setdefault(run["lr"], {})[run["seed"]] = run
+    seeds = max(len(runs) for runs in by_rate.values())
+    means = {lr: statistics.mean(run["val_accuracy"] for run in runs.values()) for lr, runs in sorted(by_rate.items())}
+    record["val_accuracy_means"] = {f"{lr:g}": mean for lr, mean in means.items()}
+    record["best_lr"] = max((lr for lr in means if len(by_rate[lr]) == seeds), key=lambda lr: (means[lr], -lr))
+    record["runs"] = [by_rate[record["best_lr"]][seed] for seed in sorted(by_rate[record["best_lr"]])]
+    accuracies = [run["test_accuracy"] for run in record["runs"]]
+    record["test_accuracy_mean"] = statistics.mean(accuracies)
+    record["test_accuracy_std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
 
 
 def merge_results(paths) -> dict:
@@ -1085,6 +1171,12 @@ def assemble_results(paths) -> dict:
                 budget = target["budgets"].setdefault(steps, {})
                 for method, record in methods.items():
                     merged = budget.setdefault(method, {**record, "sweep": [], "runs": []})
+                    if merged.get("selection") != record.get("selection"):
+                        raise SystemExit(f"{name} {steps} {method}: the files choose the rate in different ways.")
+                    if record.get("selection") == "mean-val":  # every seed's run at every rate is a sweep point
+                        sweep = {(run["seed"], run["lr"]): run for run in merged["sweep"] + record.get("sweep", [])}
+                        merged["sweep"] = [sweep[key] for key in sorted(sweep, key=lambda key: (key[1], key[0]))]
+                        continue
                     sweep = {run["lr"]: run for run in merged["sweep"]}
                     sweep.update({run["lr"]: run for run in record.get("sweep", []) if run["seed"] == 0})
                     merged["sweep"] = [sweep[lr] for lr in sorted(sweep)]
@@ -1096,6 +1188,9 @@ def assemble_results(paths) -> dict:
     for task in results["tasks"].values():
         for methods in task["budgets"].values():
             for record in methods.values():
+                if record.get("selection") == "mean-val":
+                    choose_on_mean_validation(record)
+                    continue
                 if record["sweep"]:
                     best = max(record["sweep"], key=lambda run: (run["val_accuracy"], -run["lr"]))
                     record["best_lr"] = best["lr"]
@@ -1140,6 +1235,8 @@ def main(argv=None) -> dict:
             "source_steps": args.source_steps,
             "train_views": args.train_views,
             "lr_grid": args.lr_grid,
+            "val_size": args.val_size,
+            "select": args.select,
             "tiny": args.tiny,
         },
         "tasks": {},
@@ -1149,6 +1246,8 @@ def main(argv=None) -> dict:
         if args.output:
             _results.write_json(args.output, results)
 
+    if args.val_size and any(kind in TEXT_TASKS for kind in args.tasks):
+        raise SystemExit("--val-size is for the image tasks; the text tasks' splits are fixed.")
     if any(method in SOURCE_OF for method in args.methods) and not args.source_classes:
         raise SystemExit("The *-src methods need --source-classes (e.g. 0 1 2 3 4).")
     start = time.perf_counter()
@@ -1183,6 +1282,10 @@ def summary_table(task: dict) -> str:
     for steps, budget in task["budgets"].items():
         for record in budget.values():
             sweep = " / ".join(f"{run['val_accuracy']:.3f}" for run in record["sweep"])
+            if "val_accuracy_means" in record:  # `--select mean-val`: the mean over the seeds at each rate
+                sweep = (
+                    " / ".join(f"{mean:.3f}" for mean in record["val_accuracy_means"].values()) + " (mean of seeds)"
+                )
             shares = record["runs"][0]
             mechanism = ""
             if "attention_on_target" in shares:
