@@ -846,6 +846,81 @@ def test_transfer_assemble_extends_a_sweep_past_its_edge_and_rechooses_on_valida
     assert record["test_accuracy_mean"] == pytest.approx(0.72)
 
 
+def _mean_val_run(seed, lr, val, test):
+    return {"seed": seed, "lr": lr, "val_accuracy": val, "test_accuracy": test}
+
+
+def test_transfer_mean_val_chooses_the_rate_of_the_best_mean_validation_over_complete_seeds():
+    # seed 0 prefers 3e-1 (0.90), the mean prefers 1e-1 (0.85 vs 0.80); 1.0 has the best mean but only seed 0
+    sweep = [
+        _mean_val_run(0, 1e-1, 0.84, 0.82), _mean_val_run(1, 1e-1, 0.85, 0.83), _mean_val_run(2, 1e-1, 0.86, 0.84),
+        _mean_val_run(0, 3e-1, 0.90, 0.70), _mean_val_run(1, 3e-1, 0.75, 0.72), _mean_val_run(2, 3e-1, 0.75, 0.74),
+        _mean_val_run(0, 1.0, 0.95, 0.10),
+        _mean_val_run(0, 3e-2, 0.86, 0.50), _mean_val_run(1, 3e-2, 0.84, 0.50), _mean_val_run(2, 3e-2, 0.85, 0.50),
+    ]  # fmt: skip
+    record = {"sweep": sweep}
+    transfer.choose_on_mean_validation(record)
+    assert record["best_lr"] == 3e-2  # tied with 1e-1 at 0.85: the lower rate wins, as in a single run
+    assert record["val_accuracy_means"] == pytest.approx({"0.03": 0.85, "0.1": 0.85, "0.3": 0.80, "1": 0.95})
+    record["sweep"][-1]["val_accuracy"] = 0.83  # now 1e-1 alone is best
+    transfer.choose_on_mean_validation(record)
+    assert record["best_lr"] == 1e-1
+    assert [(run["seed"], run["test_accuracy"]) for run in record["runs"]] == [(0, 0.82), (1, 0.83), (2, 0.84)]
+    assert record["test_accuracy_mean"] == pytest.approx(0.83)
+    assert record["test_accuracy_std"] == pytest.approx(0.01)
+
+
+def test_transfer_assemble_rechooses_mean_val_files_on_the_mean_over_seeds_and_refuses_mixed_choices(tmp_path):
+    def results_file(name, record):
+        path = tmp_path / name
+        budgets = {"1200": {"lora-sgd": {"label": "x", "selection": "mean-val", "runs": [], **record}}}
+        path.write_text(json.dumps({"command": name, "tasks": {"fmnist-val1000": {"budgets": budgets}}}))
+        return path
+
+    low = results_file("low.json", {"sweep": [_mean_val_run(s, 1e-2, v, 0.6) for s, v in enumerate((0.9, 0.7, 0.7))]})
+    high = results_file("high.json", {"sweep": [_mean_val_run(s, 3e-2, 0.8, 0.7 + s / 100) for s in range(3)]})
+    output = tmp_path / "assembled.json"
+    transfer.main(["--from-json", str(low), str(high), "--assemble", str(output)])
+    record = json.loads(output.read_text())["tasks"]["fmnist-val1000"]["budgets"]["1200"]["lora-sgd"]
+    assert [(run["seed"], run["lr"]) for run in record["sweep"]] == [(s, lr) for lr in (1e-2, 3e-2) for s in range(3)]
+    assert record["best_lr"] == 3e-2 and [run["test_accuracy"] for run in record["runs"]] == [0.70, 0.71, 0.72]
+    seed0 = tmp_path / "seed0.json"
+    data = json.loads(low.read_text())
+    del data["tasks"]["fmnist-val1000"]["budgets"]["1200"]["lora-sgd"]["selection"]
+    seed0.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="different ways"):
+        transfer.main(["--from-json", str(high), str(seed0), "--assemble", str(tmp_path / "mixed.json")])
+
+
+def test_transfer_mean_val_runs_every_seed_at_every_rate_on_the_larger_validation_split(tmp_path):
+    output = tmp_path / "transfer.json"
+    args = ["--tiny", "--threads", "1", "--tasks", "fmnist", "--methods", "lora", "--select", "mean-val"]
+    transfer.main([*args, "--val-size", "24", "--output", str(output)])
+    task = json.loads(output.read_text())["tasks"]["vision-val24"]
+    assert task["sizes"]["val"] == 24
+    record = task["budgets"]["4"]["lora"]
+    grid = transfer.learning_rates("lora", SimpleNamespace(kind="image"))
+    assert [(run["seed"], run["lr"]) for run in record["sweep"]] == [(s, lr) for lr in grid for s in (0, 1)]
+    means = {lr: np.mean([r["val_accuracy"] for r in record["sweep"] if r["lr"] == lr]) for lr in grid}
+    assert record["best_lr"] == max(grid, key=lambda lr: (means[lr], -lr))
+    assert [run["lr"] for run in record["runs"]] == [record["best_lr"]] * 2
+    with pytest.raises(SystemExit, match="at least"):
+        transfer.image_task("fmnist", transfer.parse_args(["--tiny", "--val-size", "8"]))
+
+
+def test_transfer_extra_validation_images_are_new_and_class_balanced():
+    from peft_toast.assets import load_fashion_mnist
+
+    drawn = load_fashion_mnist("train", limit=1200)
+    extra = transfer.extra_validation(drawn, 800, None)
+    seen = {np.asarray(image).tobytes() for image in drawn["image"]}
+    assert len(extra) == 800 and not any(np.asarray(image).tobytes() in seen for image in extra["image"])
+    assert np.bincount(extra["label"]).tolist() == [80] * 10
+    target = transfer._garments(drawn, [5, 6, 7, 8, 9])
+    extra = transfer.extra_validation(target, 300, [5, 6, 7, 8, 9])
+    assert np.bincount(extra["label"]).tolist() == [60] * 5 and extra.features == target.features
+
+
 @pytest.mark.parametrize("task_name, method", [("bbc", "toast-rms-readout"), ("clutter", "toast-readout")])
 def test_readout_gradients_reports_every_steered_block_against_an_independent_svd(tmp_path, task_name, method):
     output = tmp_path / "gradients.json"
