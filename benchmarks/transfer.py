@@ -1317,6 +1317,11 @@ def caption(task: dict, protocol: Optional[dict] = None) -> str:
         f"examples; head from the linear probe (probe lr {task['probe_lr']:g}), one learning rate for head and adapter "
         "(rows \"head at 10x the rate\": the head at 10x the adapter's; the best lr is the adapter's)."
     )
+    if any(record.get("selection") == "mean-val" for budget in task["budgets"].values() for record in budget.values()):
+        text += (
+            " Every seed runs at every learning rate, and the rate with the best mean validation accuracy over the seeds"
+            " is chosen (`--select mean-val`); the sweep column gives those means."
+        )
     if "target_patch_share" in task:
         text += (
             f" The target covers {100 * task['target_patch_share']:.0f}% of the patches; the frozen model puts "
