@@ -1097,9 +1097,7 @@ def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, so
                     )  # fmt: skip
                     record["runs"].append(run)
                     on_run()
-            accuracies = [run["test_accuracy"] for run in record["runs"]]
-            record["test_accuracy_mean"] = statistics.mean(accuracies)
-            record["test_accuracy_std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+            summarise_test(record)
             on_run()
 
 
@@ -1116,6 +1114,11 @@ def choose_on_mean_validation(record: dict) -> None:
     record["val_accuracy_means"] = {f"{lr:g}": mean for lr, mean in means.items()}
     record["best_lr"] = max((lr for lr in means if len(by_rate[lr]) == seeds), key=lambda lr: (means[lr], -lr))
     record["runs"] = [by_rate[record["best_lr"]][seed] for seed in sorted(by_rate[record["best_lr"]])]
+    summarise_test(record)
+
+
+def summarise_test(record: dict) -> None:
+    """`record["test_accuracy_mean"]` and `["test_accuracy_std"]` (0 for one run) over the test scores of its runs."""
     accuracies = [run["test_accuracy"] for run in record["runs"]]
     record["test_accuracy_mean"] = statistics.mean(accuracies)
     record["test_accuracy_std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
@@ -1132,13 +1135,11 @@ def merge_results(paths) -> dict:
                 for method, record in list(methods.items()):
                     if "test_accuracy_mean" in record:
                         continue
-                    finished = [run["test_accuracy"] for run in record.get("runs", []) if "test_accuracy" in run]
-                    if not finished:
+                    record["runs"] = [run for run in record.get("runs", []) if "test_accuracy" in run]
+                    if not record["runs"]:
                         del methods[method]  # stopped before any test score
                     else:
-                        record["runs"] = [run for run in record["runs"] if "test_accuracy" in run]
-                        record["test_accuracy_mean"] = statistics.mean(finished)
-                        record["test_accuracy_std"] = statistics.stdev(finished) if len(finished) > 1 else 0.0
+                        summarise_test(record)
             if name not in results["tasks"]:
                 results["tasks"][name] = task
                 continue
@@ -1198,9 +1199,7 @@ def assemble_results(paths) -> dict:
                     (run for run in record["runs"] if run["lr"] == record["best_lr"]), key=lambda r: r["seed"]
                 )
                 record["runs"] = runs
-                accuracies = [run["test_accuracy"] for run in runs]
-                record["test_accuracy_mean"] = statistics.mean(accuracies)
-                record["test_accuracy_std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+                summarise_test(record)
     return results
 
 
