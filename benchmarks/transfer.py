@@ -60,6 +60,8 @@ import numpy as np
 import torch
 from peft import get_peft_model, initialize_lora_eva_weights
 from PIL import Image
+from torch import nn
+from transformers.models.vit.modeling_vit import ViTLayer
 
 from peft_toast import ToastConfig
 from peft_toast.cli import script_parser
@@ -76,6 +78,7 @@ METHODS = (
     "toast-rms-readout-w30", "lora-w30", "toast-rms-readout-skip1",
     "toast-rms-readout-r8-pca", "toast-rms-readout-r32-pca", "lora-eva", "toast-readout-r8-pca",
     "toast-sgd", "toast-readout-sgd", "lora-sgd", "toast-readout-r8-pca-sgd",
+    "toast-readout-sgd-dp", "lora-sgd-dp", "toast-readout-sgd-wd", "lora-sgd-wd",
 )  # fmt: skip
 LABELS = {
     "linear": "linear probe",
@@ -118,6 +121,10 @@ LABELS = {
     "toast-readout-sgd": "TOAST, down-maps frozen, SGD as the reference trains",
     "lora-sgd": "LoRA r=8 (q, v), SGD as the reference trains",
     "toast-readout-r8-pca-sgd": "TOAST, down-maps frozen, rank-8 readouts reading the signal's top 8 directions, SGD",
+    "toast-readout-sgd-dp": "TOAST, down-maps frozen, SGD, stochastic depth 0.1 in the backbone",
+    "lora-sgd-dp": "LoRA r=8 (q, v), SGD, stochastic depth 0.1 in the backbone",
+    "toast-readout-sgd-wd": "TOAST, down-maps frozen, SGD with weight decay 1e-2",
+    "lora-sgd-wd": "LoRA r=8 (q, v), SGD with weight decay 1e-2",
     "lora-all-r32": "LoRA r=32, every linear projection",
     "toast-h10": "TOAST (full rank), head at 10x the rate",
     "toast-readout-qv": "TOAST, down-maps frozen, signal into the queries too (not TOAST: a diagnostic)",
@@ -177,6 +184,8 @@ TOAST_CONFIGS = {
     # SGD, TOAST's best image optimizer (session 17), on the 0.35 % variant.
     "toast-readout-r8-pca-sgd": {"train_down": False, "feedback_rank": 8},
     "toast-readout-qv": {"train_down": False},
+    "toast-readout-sgd-dp": {"train_down": False},
+    "toast-readout-sgd-wd": {"train_down": False},
     # The source stages of "toast-src" and "toast-top3-src".
     "toast-pretune": {"variational_loss_weight": 0.1},
     "toast-top3-pretune": {"layers_to_transform": [-3, -2, -1], "variational_loss_weight": 0.1},
@@ -187,7 +196,7 @@ PROMPT_NORMS = {"toast-fast": 1.0}
 # The LoRA adapter of each LoRA method (`_models.apply_method`): the variants of "lora" (r=8, alpha=16 on q and v, the
 # head trained and saved) differ only in how they train (source stage, head rate, warm-up, optimizer; set below).
 LORA_ADAPTERS = {
-    **dict.fromkeys(("lora", "lora-src", "lora-h10", "lora-w30", "lora-sgd"), "lora"),
+    **dict.fromkeys(("lora", "lora-src", "lora-h10", "lora-w30", "lora-sgd", "lora-sgd-dp", "lora-sgd-wd"), "lora"),
     "lora-all-r32": "lora-all-r32",
     "lora-eva": "lora-eva",
 }
@@ -213,6 +222,15 @@ WARMUP_FRACTIONS = {"toast-rms-readout-w30": 0.3, "lora-w30": 0.3}
 # of AdamW: SGD's steps scale with the gradient where Adam moves every entry of a d x d readout by about the rate, and
 # on clutter every method ends near zero training loss with a generalisation gap; LoRA gets the same optimizer.
 OPTIMIZER_OF = {"toast-sgd": "sgd", "toast-readout-sgd": "sgd", "lora-sgd": "sgd", "toast-readout-r8-pca-sgd": "sgd"}
+# Against the generalisation gap (under SGD every method ends near zero training loss on 1,000 images): the reference's
+# two regularisers we had not used, given to TOAST and LoRA alike. Its widest weight decay (1e-2, the top of its range
+# 1e-4 ... 1e-2) ...
+OPTIMIZER_OF.update({"toast-readout-sgd-dp": "sgd", "lora-sgd-dp": "sgd"})
+OPTIMIZER_OF.update({"toast-readout-sgd-wd": "sgd-wd1e-2", "lora-sgd-wd": "sgd-wd1e-2"})
+# ... and stochastic depth: the reference builds its backbone with `drop_path_rate=0.1`, active in both passes while
+# training although the backbone is frozen (`StochasticDepth` on every block's residual branches). Pass 1 is then random
+# in training, so these TOAST runs do not train on the pass-1 cache (scoring, in eval mode, still does).
+DROP_PATH = {"toast-readout-sgd-dp": 0.1, "lora-sgd-dp": 0.1}
 # Methods whose top-down signal also enters each steered block's query projection, `Q = W_q (u + t_l)` like the
 # values: LoRA adapts the queries and TOAST does not (its author: queries and keys group tokens, which should not depend
 # on the task). A diagnostic of where LoRA's lead comes from, made by wrapping the query projections here, not a
@@ -270,6 +288,9 @@ LEARNING_RATES = {
     "toast-readout-sgd": (3e-2, 1e-1, 3e-1),
     "lora-sgd": (3e-2, 1e-1, 3e-1),
     "toast-readout-r8-pca-sgd": (3e-2, 1e-1, 3e-1),
+    **dict.fromkeys(
+        ("toast-readout-sgd-dp", "lora-sgd-dp", "toast-readout-sgd-wd", "lora-sgd-wd"), (3e-2, 1e-1, 3e-1)
+    ),
     "toast-readout-qv": (3e-4, 1e-3, 3e-3),
     "toast-h10": (1e-4, 3e-4, 1e-3),
     "lora-h10": (3e-4, 1e-3, 3e-3),
@@ -712,6 +733,8 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
     model = task.new_model()
     if head is not None:
         _models.model_head(model).load_state_dict(head)
+    if method in DROP_PATH:
+        add_stochastic_depth(model, DROP_PATH[method])
     if method in TOAST_CONFIGS:
         # Every method keeps the meaning it had when its results were measured: the settings a method does not name
         # are those of peft-toast 0.2 (`feature_norm="none"`, `train_down=True`), not the decoder defaults of 0.3
@@ -752,6 +775,47 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
         assert not missing, f"the source stage has no {sorted(missing)[:3]}"
         model.load_state_dict(source[method], strict=False)
     return model
+
+
+class StochasticDepth(nn.Module):
+    """Drop a residual branch for a whole example with probability `drop_prob` in training, scaling the kept ones by
+    `1 / (1 - drop_prob)`; the identity in eval mode (timm's `drop_path`, which DINOv2's `Dinov2DropPath` also is)."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.drop_prob)
+        return x * keep / (1.0 - self.drop_prob)
+
+
+def add_stochastic_depth(model: torch.nn.Module, drop_prob: float) -> None:
+    """Stochastic depth on every block of a backbone built without it, as if built with `drop_path_rate=drop_prob`;
+    the weights are untouched. The slot is each block's `drop_path` identity (DINOv2's blocks, built with rate 0) or, in
+    transformers' ViT (this project's DINOv2-S asset), the `dropout` that `ViTLayer` applies to both residual branches
+    just before their sums, where DINOv2 and timm put the drop path."""
+    slots = [
+        (module, "drop_path")
+        for module in model.modules()
+        if isinstance(getattr(module, "drop_path", None), nn.Identity)
+    ]
+    slots += [(module, "dropout") for module in model.modules() if isinstance(module, ViTLayer)]
+    if not slots:
+        raise SystemExit(
+            f"{type(model).__name__} has no stochastic-depth slot (a block's `drop_path`, or ViT's residual dropout): "
+            f"the methods {', '.join(DROP_PATH)} need a DINOv2 or ViT backbone."
+        )
+    for block, name in slots:
+        previous = getattr(block, name)
+        if isinstance(previous, nn.Dropout) and previous.p > 0:
+            raise SystemExit(
+                f"{type(block).__name__}.{name} is already a dropout of p={previous.p}; it would be lost."
+            )
+        setattr(block, name, StochasticDepth(drop_prob))
+    model.config.drop_path_rate = drop_prob
 
 
 class SteeredQuery(torch.nn.Module):
@@ -816,12 +880,14 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
 
 def cached_view(task: _data.Task, split: str, method: str) -> CachedSplit:
     """The split as `method` trains and scores on it: TOAST with its cached pass 1 (and the hidden state entering its
-    lowest steered block, if not 0), other methods on pixels."""
+    lowest steered block, if not 0), other methods on pixels; the stochastic-depth methods (`DROP_PATH`) train on pixels
+    too, their pass 1 being random in training."""
     cached = task.splits[split]
     block = hidden_block(method, getattr(task, "depth", 0))
     if block not in (cached.toast_hidden or {}):
         block = None  # not cached (a text task, or a method not announced to `cache_pass1_features`): every block
-    return cached.view(with_features=method in TOAST_CONFIGS, hidden_block=block)
+    with_features = method in TOAST_CONFIGS and not (split == "train" and method in DROP_PATH)
+    return cached.view(with_features=with_features, hidden_block=block)
 
 
 def train_and_score(task, method, lr, seed, steps, batch_size, head, splits_to_score, source=None):
@@ -846,6 +912,8 @@ def train_and_score(task, method, lr, seed, steps, batch_size, head, splits_to_s
         record["warmup_fraction"] = WARMUP_FRACTIONS[method]
     if method in OPTIMIZER_OF:
         record["optimizer"] = OPTIMIZER_OF[method]
+    if method in DROP_PATH:
+        record["drop_path"] = DROP_PATH[method]
     record["train_seconds"] = time.perf_counter() - start
     for name in splits_to_score:
         record[f"{name}_accuracy"] = _training.accuracy(model, cached_view(task, name, method))
