@@ -378,6 +378,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "canvases stay the same.",
     )
     parser.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        help=f"Image tasks: a test split of N images (default {SIZES['test']}), for a smaller standard error of the "
+        "reported accuracy; the images past the default's are Fashion-MNIST test images outside the first draw, so "
+        "the first test canvases, every other split and every trained model stay the same.",
+    )
+    parser.add_argument(
         "--select",
         choices=["seed0", "mean-val"],
         default="seed0",
@@ -489,10 +497,13 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
     """Plain (`kind="fmnist"`) or cluttered Fashion-MNIST with `clutter` digits, preprocessed for DINOv2-S; only the
     garments of `classes` (renumbered 0..len-1) when given."""
     sizes = TINY_SIZES if args.tiny else SIZES
-    if args.val_size is not None and args.val_size < sizes["val"]:
-        raise SystemExit(f"--val-size must be at least the default {sizes['val']}, got {args.val_size}.")
+    for split in ("val", "test"):
+        size = getattr(args, f"{split}_size")
+        if size is not None and size < sizes[split]:
+            raise SystemExit(f"--{split}-size must be at least the default {sizes[split]}, got {size}.")
     if args.tiny:
-        task = _data.vision_task(None, sizes={**sizes, "val": args.val_size or sizes["val"]}, tiny=True)
+        larger = {"val": args.val_size or sizes["val"], "test": args.test_size or sizes["test"]}
+        task = _data.vision_task(None, sizes={**sizes, **larger}, tiny=True)
         task.splits = {name: CachedSplit(**vars(split)) for name, split in task.splits.items()}
         if classes is not None:
             task.name += "-" + "".join(map(str, classes))
@@ -501,6 +512,8 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
             task.name += f"-train{args.train_size}"
         if args.val_size:
             task.name += f"-val{args.val_size}"
+        if args.test_size:
+            task.name += f"-test{args.test_size}"
         return _same_backbone_for_every_seed(task, "image")
     from transformers import AutoImageProcessor
 
@@ -519,6 +532,11 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
 
         extra = extra_validation(train_val, args.val_size - sizes["val"], classes)
         datasets["val"] = concatenate_datasets([datasets["val"], extra])
+    if args.test_size and args.test_size > sizes["test"]:  # likewise after the first test images
+        from datasets import concatenate_datasets
+
+        extra = extra_validation(test, args.test_size - sizes["test"], classes, split="test")
+        datasets["test"] = concatenate_datasets([datasets["test"], extra])
     digits = load_mnist_digits() if kind == "clutter" else None
     patches = image_size // 14
     splits = {}
@@ -574,6 +592,9 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
     if args.val_size:
         description += f", {args.val_size} validation images"
         name += f"-val{args.val_size}"
+    if args.test_size:
+        description += f", {args.test_size} test images"
+        name += f"-test{args.test_size}"
     num_labels = len(classes or FASHION_MNIST_CLASSES)
     task = _data.Task(
         name=name,
@@ -593,15 +614,15 @@ def first_examples(split: CachedSplit, count: int) -> CachedSplit:
     return CachedSplit(labels=split.labels[:count], pixel_values=split.pixel_values[:count], target=target)
 
 
-def extra_validation(drawn, count: int, classes: Optional[list[int]]):
-    """`count` more Fashion-MNIST training images (of `classes`, renumbered as `_garments` does) for validation, none
-    of them among `drawn` (compared pixel for pixel: no image the training split holds), at most `ceil(count / C)` of
-    each of the C classes, from a draw of its own (seed 1)."""
+def extra_validation(drawn, count: int, classes: Optional[list[int]], split: str = "train"):
+    """`count` more Fashion-MNIST images of `split` (of `classes`, renumbered as `_garments` does), none of them among
+    `drawn` (compared pixel for pixel: for validation, no image the training split holds; for `split="test"`, none of
+    the first test images), at most `ceil(count / C)` of each of the C classes, from a draw of its own (seed 1)."""
     from peft_toast.assets import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     seen = {np.asarray(image).tobytes() for image in drawn["image"]}
     share = len(FASHION_MNIST_CLASSES) / len(classes) if classes else 1
-    pool = _garments(load_fashion_mnist("train", limit=int(share * (len(drawn) + 2 * count)), seed=1), classes)
+    pool = _garments(load_fashion_mnist(split, limit=int(share * (len(drawn) + 2 * count)), seed=1), classes)
     num_classes = len(classes or FASHION_MNIST_CLASSES)
     cap, taken, keep = -(-count // num_classes), [0] * num_classes, []
     for index, (image, label) in enumerate(zip(pool["image"], pool["label"])):
@@ -611,7 +632,7 @@ def extra_validation(drawn, count: int, classes: Optional[list[int]]):
             taken[label] += 1
             keep.append(index)
     if len(keep) < count:
-        raise RuntimeError(f"Only {len(keep)} new validation images found, {count} asked for.")
+        raise RuntimeError(f"Only {len(keep)} new {split} images found, {count} asked for.")
     return pool.select(keep)
 
 
@@ -1303,6 +1324,7 @@ def main(argv=None) -> dict:
             "train_views": args.train_views,
             "lr_grid": args.lr_grid,
             "val_size": args.val_size,
+            "test_size": args.test_size,
             "select": args.select,
             "tiny": args.tiny,
         },
@@ -1313,8 +1335,10 @@ def main(argv=None) -> dict:
         if args.output:
             _results.write_json(args.output, results)
 
-    if args.val_size and any(kind in TEXT_TASKS for kind in args.tasks):
-        raise SystemExit("--val-size is for the image tasks; the text tasks' splits are fixed.")
+    for option in ("val_size", "test_size"):
+        if getattr(args, option) and any(kind in TEXT_TASKS for kind in args.tasks):
+            flag = "--" + option.replace("_", "-")
+            raise SystemExit(f"{flag} is for the image tasks; the text tasks' splits are fixed.")
     if any(method in SOURCE_OF for method in args.methods) and not args.source_classes:
         raise SystemExit("The *-src methods need --source-classes (e.g. 0 1 2 3 4).")
     start = time.perf_counter()

@@ -436,6 +436,51 @@ def test_transfer_head_rate_methods_train_the_head_at_ten_times_the_rate(monkeyp
         assert record.get("head_lr") == pytest.approx(expected[1])
 
 
+@pytest.mark.parametrize("method, plain", [("toast-readout-sgd-dp", "toast-readout-sgd"), ("lora-sgd-dp", "lora-sgd")])
+def test_transfer_stochastic_depth_drops_whole_branches_in_training_only(method, plain):
+    task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
+    transfer.cache_pass1_features(task, [method])
+    model, reference = transfer.new_model(task, method, 0, None), transfer.new_model(task, plain, 0, None)
+    depths = [module for module in model.modules() if isinstance(module, transfer.StochasticDepth)]
+    assert len(depths) == model.config.num_hidden_layers and all(d.drop_prob == 0.1 for d in depths)
+    view = transfer.cached_view(task, "val", method).batch(range(8))
+    view.pop("labels")
+    model.eval()
+    reference.eval()
+    with torch.no_grad():  # the identity in eval mode: exactly the model without it
+        assert torch.equal(model(**view).logits, reference(**view).logits)
+    # training sees pixels (pass 1 is random now); the pass-1 cache stays for scoring
+    train = transfer.cached_view(task, "train", method).batch(range(8))
+    assert "toast_features" not in train and ("toast_features" in view) == method.startswith("toast")
+    depths[0].drop_prob = 0.5  # a branch dropped for some examples of the batch and not for others
+    keep = depths[0].train()(torch.ones(64, 3, 2))
+    assert set(keep.unique().tolist()) == {0.0, 2.0} and torch.equal(keep, keep[:, :1, :1].expand_as(keep))
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        first, second = model(**train).logits, model(**train).logits
+    assert not torch.equal(first, second)
+    with pytest.raises(SystemExit, match="no stochastic-depth slot"):
+        transfer.add_stochastic_depth(torch.nn.Sequential(torch.nn.Linear(2, 2)), 0.1)
+
+
+def test_transfer_weight_decay_methods_decay_every_tensor_by_1e_2(monkeypatch):
+    seen = {}
+    real_sgd = torch.optim.SGD
+
+    def spy(groups, **kwargs):
+        seen.update(kwargs)
+        return real_sgd(groups, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", spy)
+    task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
+    transfer.cache_pass1_features(task)
+    for method, decay in (("lora-sgd-wd", 1e-2), ("toast-readout-sgd-wd", 1e-2), ("lora-sgd", 1e-4)):
+        _, record = transfer.train_and_score(task, method, 1e-3, 0, 1, 4, None, [])
+        assert seen == {"momentum": 0.9, "weight_decay": decay}, method
+        assert record["optimizer"] == ("sgd-wd1e-2" if decay == 1e-2 else "sgd")
+
+
 def test_transfer_warm_up_methods_warm_up_for_thirty_percent_of_the_steps(monkeypatch):
     seen = {}
 
@@ -919,6 +964,32 @@ def test_transfer_extra_validation_images_are_new_and_class_balanced():
     target = transfer._garments(drawn, [5, 6, 7, 8, 9])
     extra = transfer.extra_validation(target, 300, [5, 6, 7, 8, 9])
     assert np.bincount(extra["label"]).tolist() == [60] * 5 and extra.features == target.features
+
+
+def test_transfer_extra_test_images_come_from_the_test_split_and_are_new():
+    from peft_toast.assets import load_fashion_mnist
+
+    drawn = load_fashion_mnist("test", limit=500)
+    extra = transfer.extra_validation(drawn, 1000, None, split="test")
+    seen = {np.asarray(image).tobytes() for image in drawn["image"]}
+    test_split = {np.asarray(image).tobytes() for image in load_fashion_mnist("test")["image"]}
+    pixels = [np.asarray(image).tobytes() for image in extra["image"]]
+    assert len(set(pixels)) == 1000 and not seen & set(pixels) and set(pixels) <= test_split
+    assert np.bincount(extra["label"]).tolist() == [100] * 10
+
+
+def test_transfer_test_size_keeps_every_other_split_and_the_first_test_examples():
+    default = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
+    larger = transfer.image_task("fmnist", transfer.parse_args(["--tiny", "--test-size", "40"]))
+    assert larger.name.endswith("-test40") and len(larger.splits["test"]) == 40
+    for name in ("train", "val"):
+        assert torch.equal(default.splits[name].pixel_values, larger.splits[name].pixel_values)
+    first = len(default.splits["test"])
+    assert torch.equal(default.splits["test"].pixel_values, larger.splits["test"].pixel_values[:first])
+    with pytest.raises(SystemExit, match="--test-size must be at least"):
+        transfer.image_task("fmnist", transfer.parse_args(["--tiny", "--test-size", "8"]))
+    with pytest.raises(SystemExit, match="--test-size is for the image tasks"):
+        transfer.main(["--tiny", "--tasks", "tweets", "--test-size", "40", "--output", "unused.json"])
 
 
 @pytest.mark.parametrize("task_name, method", [("bbc", "toast-rms-readout"), ("clutter", "toast-readout")])
