@@ -464,6 +464,18 @@ def test_transfer_stochastic_depth_drops_whole_branches_in_training_only(method,
         transfer.add_stochastic_depth(torch.nn.Sequential(torch.nn.Linear(2, 2)), 0.1)
 
 
+@pytest.mark.parametrize("method", ["toast-fast", "toast-readout-sgd-p1"])
+def test_transfer_unit_prompt_methods_start_from_the_data_direction_at_norm_one(method):
+    task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
+    transfer.cache_pass1_features(task, [method])
+    model = transfer.new_model(task, method, 0, None)
+    prompt = model.base_model.toast_prompt["default"].detach()
+    data = transfer.new_model(task, "toast", 0, None)
+    direction = data.initialise_prompt(pixel_values=task.splits["train"].pixel_values[:64]).detach()
+    assert prompt.norm().item() == pytest.approx(1.0, rel=1e-6)
+    torch.testing.assert_close(prompt, direction / direction.norm())
+
+
 def test_transfer_weight_decay_methods_decay_every_tensor_by_1e_2(monkeypatch):
     seen = {}
     real_sgd = torch.optim.SGD
