@@ -969,12 +969,12 @@ def test_transfer_extra_validation_images_are_new_and_class_balanced():
     from peft_toast.assets import load_fashion_mnist
 
     drawn = load_fashion_mnist("train", limit=1200)
-    extra = transfer.extra_validation(drawn, 800, None)
+    extra = transfer.extra_images(drawn, 800, None)
     seen = {np.asarray(image).tobytes() for image in drawn["image"]}
     assert len(extra) == 800 and not any(np.asarray(image).tobytes() in seen for image in extra["image"])
     assert np.bincount(extra["label"]).tolist() == [80] * 10
     target = transfer._garments(drawn, [5, 6, 7, 8, 9])
-    extra = transfer.extra_validation(target, 300, [5, 6, 7, 8, 9])
+    extra = transfer.extra_images(target, 300, [5, 6, 7, 8, 9])
     assert np.bincount(extra["label"]).tolist() == [60] * 5 and extra.features == target.features
 
 
@@ -982,7 +982,7 @@ def test_transfer_extra_test_images_come_from_the_test_split_and_are_new():
     from peft_toast.assets import load_fashion_mnist
 
     drawn = load_fashion_mnist("test", limit=500)
-    extra = transfer.extra_validation(drawn, 1000, None, split="test")
+    extra = transfer.extra_images(drawn, 1000, None, split="test")
     seen = {np.asarray(image).tobytes() for image in drawn["image"]}
     test_split = {np.asarray(image).tobytes() for image in load_fashion_mnist("test")["image"]}
     pixels = [np.asarray(image).tobytes() for image in extra["image"]]
