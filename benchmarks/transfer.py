@@ -61,6 +61,7 @@ import torch
 from peft import get_peft_model, initialize_lora_eva_weights
 from PIL import Image
 from torch import nn
+from transformers.models.dinov2.modeling_dinov2 import Dinov2DropPath
 from transformers.models.vit.modeling_vit import ViTLayer
 
 from peft_toast import ToastConfig
@@ -813,19 +814,8 @@ def new_model(task: _data.Task, method: str, seed: int, head: Optional[dict], so
     return model
 
 
-class StochasticDepth(nn.Module):
-    """Drop a residual branch for a whole example with probability `drop_prob` in training, scaling the kept ones by
-    `1 / (1 - drop_prob)`; the identity in eval mode (timm's `drop_path`, which DINOv2's `Dinov2DropPath` also is)."""
-
-    def __init__(self, drop_prob: float):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_prob == 0.0:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.drop_prob)
-        return x * keep / (1.0 - self.drop_prob)
+# Stochastic depth per example (timm's `drop_path`), the identity in eval mode: transformers' own DINOv2 module.
+StochasticDepth = Dinov2DropPath
 
 
 def add_stochastic_depth(model: torch.nn.Module, drop_prob: float) -> None:
