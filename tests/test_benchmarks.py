@@ -1108,6 +1108,17 @@ def test_transfer_sgd_methods_train_with_sgd_and_say_so(monkeypatch):
     )
 
 
+def test_transfer_method_spec_rejects_both_adapters_and_its_views_follow_the_table():
+    with pytest.raises(ValueError, match="TOAST configuration or a LoRA adapter, not both"):
+        transfer.Method("both", (1e-3,), toast={}, lora="lora")
+    spec = transfer.METHOD_SPECS["toast-readout-r20-pca-sgd"]
+    assert transfer.TOAST_CONFIGS["toast-readout-r20-pca-sgd"] == {"train_down": False, "feedback_rank": 20}
+    assert transfer.OPTIMIZER_OF["toast-readout-r20-pca-sgd"] == "sgd" and spec.rates == (3e-2, 1e-1, 3e-1)
+    assert "toast-readout-r20-pca-sgd" in transfer.PCA_READOUTS and "lora-sgd" not in transfer.PCA_READOUTS
+    assert transfer.LORA_ADAPTERS["lora-sgd-wd"] == "lora" and transfer.OPTIMIZER_OF["lora-sgd-wd"] == "sgd-wd1e-2"
+    assert "linear" not in transfer.TOAST_CONFIGS and "linear" not in transfer.LORA_ADAPTERS
+
+
 def test_transfer_every_method_has_a_label_and_a_grid_and_trains_only_its_adapter_and_head():
     task = transfer.image_task("fmnist", transfer.parse_args(["--tiny"]))
     transfer.cache_pass1_features(task)
