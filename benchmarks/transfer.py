@@ -89,7 +89,7 @@ class Method:
     warmup_fraction: Optional[float] = None  # the share of the steps spent warming up (default 10 %)
     drop_path: Optional[float] = None  # stochastic depth in the frozen backbone while training
     prompt_norm: Optional[float] = None  # the data prompt's norm (default sqrt(d), ~20 on DINOv2-S)
-    prompt_direction: bool = False  # the prompt set before training (`set_prompt_direction`)
+    prompt_direction: bool = False  # the prompt set before training (`contrast_direction`, `target_direction`)
     pca_readouts: bool = False  # the library's `initialise_readouts` on 64 training examples
     steered_queries: bool = False  # the top-down signal enters the query projections too (a diagnostic)
     source: Optional[str] = None  # the method whose source stage (`--source-classes`) it starts from
