@@ -439,6 +439,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "per method, the sweep is every seed-0 rate of all files, the best rate is chosen again on validation, and the "
         "seeds at that rate are the runs.",
     )
+    parser.add_argument(
+        "--task-suffix",
+        help="With --assemble: append this to every task's name (and description), so that runs of the same protocol "
+        "on another machine (e.g. 'amd') form tables of their own instead of joining the first machine's rows when "
+        "the docs merge the files.",
+    )
     return parser.parse_args(argv)
 
 
@@ -644,6 +650,12 @@ def image_task(kind: str, args: argparse.Namespace, clutter: int = 0, classes: O
     )
     task.kind = "image"
     return task
+
+
+def backbone_parameters(model: torch.nn.Module) -> int:
+    """The parameters of `model` outside its classification head: what "% of the backbone" counts against."""
+    head = {id(p) for p in _models.model_head(model).parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in head)
 
 
 def first_examples(split: CachedSplit, count: int) -> CachedSplit:
@@ -1137,6 +1149,7 @@ def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, so
     `task`; `source` is what `source_stage` returned, for the `*-src` methods."""
     entry.update(description=task.description, model=task.model_name, budgets={})
     entry["sizes"] = {name: len(split) for name, split in task.splits.items()}
+    entry["backbone_parameters"] = backbone_parameters(task.new_model())
     adapters = None
     if source is not None:
         adapters, entry["source_stage"] = source
@@ -1268,11 +1281,12 @@ def merge_results(paths) -> dict:
     return results
 
 
-def assemble_results(paths) -> dict:
+def assemble_results(paths, task_suffix: Optional[str] = None) -> dict:
     """One results file from several runs of the same protocol that extend each other (see `--assemble`): for each task,
     budget and method, the union of the seed-0 sweeps, the best rate chosen on validation again (the lowest rate wins a
     tie, as in a single run, which sweeps upwards), and as runs every seed scored on the test split at that rate (a later
-    file's run replaces an earlier one of the same seed and rate)."""
+    file's run replaces an earlier one of the same seed and rate). `task_suffix` is appended to every task's name and
+    description (`--task-suffix`)."""
     files = [json.loads(Path(path).read_text()) for path in paths]
     results = {
         "benchmark": "transfer",
@@ -1316,14 +1330,21 @@ def assemble_results(paths) -> dict:
                 )
                 record["runs"] = runs
                 summarise_test(record)
+    if task_suffix:
+        results["tasks"] = {
+            f"{name}-{task_suffix}": {**task, "description": f"{task['description']} ({task_suffix})"}
+            for name, task in results["tasks"].items()
+        }
     return results
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.from_json:
+        if args.task_suffix and not args.assemble:
+            raise SystemExit("--task-suffix renames the tasks of an assembled file: use it with --assemble.")
         if args.assemble:  # a results file only: the docs come from the command that lists every file
-            results = assemble_results(args.from_json)
+            results = assemble_results(args.from_json, args.task_suffix)
             _results.write_json(args.assemble, results)
             return results
         results = merge_results(args.from_json)
@@ -1394,6 +1415,82 @@ def main(argv=None) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- reporting
 
+# The rank curve of TOAST's readouts under SGD (frozen down-maps, PCA start), then full rank; LoRA and the probe beside it.
+RANK_CURVE = (
+    "toast-readout-r8-pca-sgd",
+    "toast-readout-r16-pca-sgd",
+    "toast-readout-r20-pca-sgd",
+    "toast-readout-sgd",
+)
+RANK_CURVE_BARS = ("lora-sgd", "linear")
+# The tasks whose rank curve is plotted: those where every rank ran under the same protocol on one machine.
+RANK_CURVE_TASKS = ("fmnist-val1000-test5000-amd",)
+# The backbone of results files written before `backbone_parameters` was recorded: the offline DINOv2-S as
+# `ViTForImageClassification` (21,549,706 parameters with a 10-class head of 3,850; `test_dinov2_backbone_parameters`).
+KNOWN_BACKBONE_PARAMETERS = {"DINOv2-S (ViT-S/14, offline)": 21_545_856}
+
+
+def task_backbone_parameters(task: dict) -> Optional[int]:
+    """The backbone's parameter count recorded with `task`, or known for its model; None if neither."""
+    if "backbone_parameters" in task:
+        return task["backbone_parameters"]
+    return next((n for name, n in KNOWN_BACKBONE_PARAMETERS.items() if task.get("model", "").startswith(name)), None)
+
+
+def rank_curves(results: dict) -> list[dict]:
+    """Per task and budget with at least two points of `RANK_CURVE`: each method's trainable parameters (with the head)
+    and test accuracy (mean, std), and the backbone's parameter count."""
+    curves = []
+    for name, task in results["tasks"].items():
+        for steps, budget in task["budgets"].items():
+            if sum(method in budget for method in RANK_CURVE) < 2:
+                continue
+            points = {
+                method: (
+                    budget[method]["runs"][0].get("trainable_parameters", 0),
+                    100 * budget[method]["test_accuracy_mean"],
+                    100 * budget[method]["test_accuracy_std"],
+                )
+                for method in (*RANK_CURVE, *RANK_CURVE_BARS)
+                if method in budget
+            }
+            curves.append(
+                {"task": name, "model": task.get("model", ""), "description": task.get("description", name),
+                 "steps": int(steps), "backbone_parameters": task_backbone_parameters(task), "points": points}
+            )  # fmt: skip
+    return curves
+
+
+def plot_rank_curves(curves: list[dict]) -> None:
+    """docs/img/transfer-rank.png: test accuracy against trainable parameters, the 1 % of the backbone marked."""
+    plt, figure, axes = _results.figure_per_task(len(curves), 4.5, 4.0)
+    for axis, curve in zip(axes, curves):
+        points = curve["points"]
+        toast = [points[m] for m in RANK_CURVE if m in points]
+        axis.errorbar([p[0] for p in toast], [p[1] for p in toast], yerr=[p[2] for p in toast], fmt="-o", capsize=3,
+                      markersize=4, color="C0", label="TOAST readouts: rank 8 / 16 / 20 (PCA start), full rank")  # fmt: skip
+        if "lora-sgd" in points:
+            count, mean, std = points["lora-sgd"]
+            axis.errorbar(
+                [count], [mean], yerr=[std], fmt="*", markersize=9, capsize=3, color="C1", label=LABELS["lora-sgd"]
+            )
+        if "linear" in points:
+            axis.axhline(points["linear"][1], color="grey", linestyle="--", linewidth=1, label=LABELS["linear"])
+        if curve["backbone_parameters"]:
+            axis.axvline(curve["backbone_parameters"] / 100, color="C3", linestyle=":", label="1 % of the backbone")
+        axis.set_xscale("log")
+        axis.set_xlabel("trainable parameters, head included")
+        axis.set_ylabel("test accuracy (%)")
+        axis.legend(fontsize=5, loc="lower right")
+        title = f"{curve['model']}, {curve['steps']} steps\n" + "\n".join(textwrap.wrap(curve["description"], 60))
+        axis.set_title(title, fontsize=8)
+    figure.suptitle(
+        "SGD, one lr each (best of 3 on the mean validation of 3 seeds), mean ± std of 3 seeds", fontsize=8
+    )
+    figure.tight_layout()
+    _results.save_figure(figure, "transfer-rank.png")
+    plt.close(figure)
+
 
 def summary_table(task: dict) -> str:
     rows = []
@@ -1458,6 +1555,9 @@ def write_docs(results: dict) -> None:
     for name, task in results["tasks"].items():
         _results.update_docs_section(f"transfer-{name}", f"{caption(task)}\n\n{summary_table(task)}")
     plot(results)
+    ranks = [curve for curve in rank_curves(results) if curve["task"] in RANK_CURVE_TASKS]
+    if ranks:
+        plot_rank_curves(ranks)
     clutter = clutter_curves(results)
     if len(clutter["k"]) > 1:
         _results.update_docs_section("transfer-clutter-vs-k", clutter_table(clutter))

@@ -949,6 +949,69 @@ def test_transfer_assemble_rechooses_mean_val_files_on_the_mean_over_seeds_and_r
         transfer.main(["--from-json", str(high), str(seed0), "--assemble", str(tmp_path / "mixed.json")])
 
 
+def test_transfer_assemble_task_suffix_keeps_another_machines_runs_in_tables_of_their_own(tmp_path):
+    def results_file(name, method, test):
+        path = tmp_path / name
+        record = {"label": method, "selection": "mean-val", "runs": [],
+                  "sweep": [_mean_val_run(s, 1e-1, 0.8, test) for s in range(3)]}  # fmt: skip
+        task = {"description": "Fashion-MNIST", "budgets": {"400": {method: record}}}
+        path.write_text(json.dumps({"command": name, "tasks": {"fmnist-val1000": task}}))
+        return path
+
+    intel, amd = results_file("intel.json", "lora-sgd", 0.80), results_file("amd.json", "lora-sgd", 0.70)
+    output = tmp_path / "amd-assembled.json"
+    transfer.main(["--from-json", str(amd), "--assemble", str(output), "--task-suffix", "amd"])
+    assembled = json.loads(output.read_text())["tasks"]
+    assert list(assembled) == ["fmnist-val1000-amd"]
+    assert assembled["fmnist-val1000-amd"]["description"] == "Fashion-MNIST (amd)"
+    transfer.main(["--from-json", str(intel), "--assemble", str(tmp_path / "intel-assembled.json")])
+    merged = transfer.merge_results([tmp_path / "intel-assembled.json", output])["tasks"]  # the docs' merge: two tasks
+    assert merged["fmnist-val1000"]["budgets"]["400"]["lora-sgd"]["test_accuracy_mean"] == pytest.approx(0.80)
+    assert merged["fmnist-val1000-amd"]["budgets"]["400"]["lora-sgd"]["test_accuracy_mean"] == pytest.approx(0.70)
+    with pytest.raises(SystemExit, match="use it with --assemble"):
+        transfer.main(["--from-json", str(amd), "--task-suffix", "amd"])
+
+
+def test_transfer_rank_curves_take_the_recorded_or_known_backbone_and_plot(tmp_path, monkeypatch):
+    def record(params, test):
+        return {"label": "x", "runs": [{"seed": 0, "lr": 0.1, "test_accuracy": test, "trainable_parameters": params}],
+                "test_accuracy_mean": test, "test_accuracy_std": 0.0}  # fmt: skip
+
+    budget = {"toast-readout-r8-pca-sgd": record(77962, 0.81), "toast-readout-sgd": record(1773706, 0.83),
+              "lora-sgd": record(151306, 0.84), "linear": record(3850, 0.79), "lora": record(151306, 0.9)}  # fmt: skip
+    results = {"tasks": {
+        "known": {"model": "DINOv2-S (ViT-S/14, offline) at 56 px", "budgets": {"400": budget}},
+        "recorded": {"model": "tiny", "backbone_parameters": 1000, "budgets": {"400": budget}},
+        "one-point": {"model": "tiny", "budgets": {"400": {"toast-readout-sgd": record(10, 0.5)}}},
+    }}  # fmt: skip
+    curves = {curve["task"]: curve for curve in transfer.rank_curves(results)}
+    assert set(curves) == {"known", "recorded"}  # a single point is no curve
+    assert curves["known"]["backbone_parameters"] == 21_545_856 and curves["recorded"]["backbone_parameters"] == 1000
+    assert curves["known"]["points"]["toast-readout-sgd"] == (1773706, pytest.approx(83.0), 0.0)
+    assert set(curves["known"]["points"]) == {"toast-readout-r8-pca-sgd", "toast-readout-sgd", "lora-sgd", "linear"}
+    monkeypatch.setattr(_results, "IMAGES", tmp_path)
+    transfer.plot_rank_curves(list(curves.values()))
+    assert (tmp_path / "transfer-rank.png").stat().st_size > 0
+
+
+def test_transfer_records_the_backbone_parameters_without_the_head(tmp_path):
+    output = tmp_path / "transfer.json"
+    transfer.main(["--tiny", "--threads", "1", "--tasks", "fmnist", "--methods", "lora", "--output", str(output)])
+    (task,) = json.loads(output.read_text())["tasks"].values()
+    model = transfer.image_task("fmnist", transfer.parse_args(["--tiny"])).new_model()
+    assert task["backbone_parameters"] == sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for p in model.classifier.parameters()
+    )
+
+
+@pytest.mark.slow
+def test_dinov2_backbone_parameters_match_the_count_the_rank_plot_knows():
+    from peft_toast.assets import dinov2_small_vit_path
+
+    model = _models.load_image_classifier(dinov2_small_vit_path(), 10, image_size=56)
+    assert transfer.backbone_parameters(model) == transfer.KNOWN_BACKBONE_PARAMETERS["DINOv2-S (ViT-S/14, offline)"]
+
+
 def test_transfer_mean_val_runs_every_seed_at_every_rate_on_the_larger_validation_split(tmp_path):
     output = tmp_path / "transfer.json"
     args = ["--tiny", "--threads", "1", "--tasks", "fmnist", "--methods", "lora", "--select", "mean-val"]
