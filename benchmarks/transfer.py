@@ -303,16 +303,16 @@ METHOD_SPECS = {
     "toast-readout-sgd-p1": Method(
         "TOAST, down-maps frozen, SGD, prompt of norm 1", toast=_readout(), prompt_norm=1.0, **SGD
     ),
-    # Twice rank 8, still under 1 % (0.68 % of DINOv2-S with the head): rank 8 tested 1.5 under full rank on 5,000 test
-    # images (session 20).
+    # Twice rank 8, still under 1 % (151,690 parameters with the head: 0.70 % of the offline DINOv2-S's 21,545,856):
+    # rank 8 tested 1.5 under full rank on 5,000 test images (session 20).
     "toast-readout-r16-pca-sgd": Method(
         "TOAST, down-maps frozen, rank-16 readouts reading the signal's top 16 directions, SGD",
         toast=_readout(feedback_rank=16),
         pca_readouts=True,
         **SGD,
     ),
-    # The next point of the rank curve, 0.85 % of DINOv2-S with the head (rank 24 would be 1.02 %): rank 16 tested 1.01
-    # under full rank (session 20).
+    # The next point of the rank curve, 188,554 parameters with the head: 0.88 % of the backbone (rank 24 would be
+    # 1.05 %); rank 16 tested 1.01 under full rank (session 20).
     "toast-readout-r20-pca-sgd": Method(
         "TOAST, down-maps frozen, rank-20 readouts reading the signal's top 20 directions, SGD",
         toast=_readout(feedback_rank=20),
