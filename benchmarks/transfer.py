@@ -1149,7 +1149,8 @@ def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, so
     `task`; `source` is what `source_stage` returned, for the `*-src` methods."""
     entry.update(description=task.description, model=task.model_name, budgets={})
     entry["sizes"] = {name: len(split) for name, split in task.splits.items()}
-    entry["backbone_parameters"] = backbone_parameters(task.new_model())
+    frozen = task.new_model().eval()  # for the backbone's size here, and the frozen attention on clutter below
+    entry["backbone_parameters"] = backbone_parameters(frozen)
     adapters = None
     if source is not None:
         adapters, entry["source_stage"] = source
@@ -1173,7 +1174,6 @@ def run_task(task: _data.Task, args: argparse.Namespace, entry: dict, on_run, so
     entry["probe_lr"] = best_probe
     if task.splits["test"].target is not None:
         entry["target_patch_share"] = task.splits["test"].target[:, 1:].mean().item()
-        frozen = task.new_model().eval()
         entry["frozen_attention_on_target"] = target_shares(frozen, task.splits["test"], "base")["attention_on_target"]
         entry["initial_gate_mass_on_target"] = initial_gate_shares(task, args.batch_size)
 
